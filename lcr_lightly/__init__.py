@@ -1,0 +1,44 @@
+"""lcr-lightly: Learning Common Rationale (Shu et al., CVPR 2023) for SSL models.
+
+Example:
+    >>> from lcr_lightly import with_common_rationale
+    >>> from lcr_lightly.models import MoCoV2
+    >>> model = with_common_rationale(MoCoV2(backbone="resnet18", batch_size=32), k=32)
+"""
+
+from lcr_lightly.gradcam import FeatureCapture, gradcam, tokens_to_map
+from lcr_lightly.heads import CommonRationaleHead, minmax_normalize, weighted_average_pool
+from lcr_lightly.hooks import count_hooks, remove_hooks
+from lcr_lightly.layers import find_feature_layer, find_global_pool, resolve_layer
+from lcr_lightly.losses import GradCAMFitLoss
+from lcr_lightly.wrap import (
+    CommonRationale,
+    attach,
+    release,
+    set_pooling,
+    state_summary,
+    with_common_rationale,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CommonRationale",
+    "CommonRationaleHead",
+    "FeatureCapture",
+    "GradCAMFitLoss",
+    "attach",
+    "count_hooks",
+    "find_feature_layer",
+    "find_global_pool",
+    "gradcam",
+    "minmax_normalize",
+    "release",
+    "remove_hooks",
+    "resolve_layer",
+    "set_pooling",
+    "state_summary",
+    "tokens_to_map",
+    "weighted_average_pool",
+    "with_common_rationale",
+]

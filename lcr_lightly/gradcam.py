@@ -1,0 +1,166 @@
+"""Hook-based capture of feature maps and GradCAM of the self-supervised loss.
+
+The capture follows pytorch-grad-cam's ``ActivationsAndGradients``: a forward hook
+on one layer records its outputs, nothing in the user's model is edited, and the hook
+is removable. Unlike a classifier's Grad-CAM, LCR needs the GradCAM of the *SSL loss*
+for every view that passed through the online backbone in the current step, so the
+capture keeps a list of maps and ignores outputs computed without gradient (momentum
+encoders, ``torch.no_grad`` blocks).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from lcr_lightly.hooks import LayerHook
+
+Reshape = Callable[[Tensor], Tensor]
+
+GRADCAM_MODES = ("elementwise", "channel")
+
+
+def tokens_to_map(tokens: Tensor, num_prefix_tokens: int = 1) -> Tensor:
+    """Turns ViT tokens (B, N, C) into a feature map (B, C, h, w).
+
+    Args:
+        tokens: Token sequence of shape (B, N, C), prefix (class/register) tokens first.
+        num_prefix_tokens: How many leading tokens to drop.
+
+    Returns:
+        Feature map of shape (B, C, h, w) with h = w = sqrt(N - num_prefix_tokens).
+
+    Raises:
+        ValueError: If the remaining tokens do not form a square grid.
+    """
+    if tokens.dim() != 3:
+        raise ValueError(f"Expected tokens of shape (B, N, C), got {tuple(tokens.shape)}.")
+    patches = tokens[:, num_prefix_tokens:, :]
+    n = patches.shape[1]
+    side = int(round(n**0.5))
+    if side * side != n:
+        raise ValueError(
+            f"{n} patch tokens (after dropping {num_prefix_tokens} prefix tokens) do not "
+            "form a square grid; pass a reshape callable for this backbone."
+        )
+    return patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], side, side)
+
+
+class FeatureCapture(LayerHook):
+    """Records the outputs of one layer during a training step.
+
+    Every output that requires gradient is kept, in call order, so BYOL/SimSiam's two
+    online views and multi-crop's many views are all seen; outputs computed under
+    ``torch.no_grad`` or by frozen copies are ignored. By default only outputs computed
+    while the layer is in training mode are recorded (``training_only``), so evaluation
+    passes never accumulate maps.
+
+    Args:
+        layer: The module whose output is the feature map.
+        reshape: Optional callable turning the raw output into a (B, C, H, W) map,
+            e.g. :func:`tokens_to_map` for ViT tokens.
+        training_only: Record only while ``layer.training`` is True.
+
+    Example:
+        >>> with FeatureCapture(backbone.layer4) as capture:
+        ...     loss = ssl_loss(model, views)
+        ...     cams = gradcam(loss, capture.maps)
+    """
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        reshape: Optional[Reshape] = None,
+        training_only: bool = True,
+    ) -> None:
+        self.reshape = reshape
+        self.training_only = training_only
+        self.maps: List[Tensor] = []
+        super().__init__(layer)
+
+    @property
+    def layer(self) -> nn.Module:
+        """The hooked layer."""
+        return self.module
+
+    def on_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        """Records ``output`` if it is an online map of the current training step."""
+        if self.training_only and not module.training:
+            return
+        if not torch.is_grad_enabled():
+            return
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if not isinstance(out, Tensor) or not out.requires_grad:
+            return
+        if self.reshape is not None:
+            out = self.reshape(out)
+        if out.dim() != 4:
+            raise ValueError(
+                f"The captured layer ({type(module).__name__}) produced a "
+                f"{out.dim()}-D output of shape {tuple(out.shape)}; LCR needs a 4-D map "
+                "(B, C, H, W). Choose a convolutional stage with layer=..., or pass "
+                "reshape=tokens_to_map for ViT tokens."
+            )
+        self.maps.append(out)
+
+    def clear(self) -> None:
+        """Drops the recorded maps (and the graph they keep alive)."""
+        self.maps = []
+
+    def release(self) -> None:
+        """Removes the hook and drops the recorded maps."""
+        super().release()
+        self.clear()
+
+    def _transient_state(self) -> dict:
+        return {"_handle": None, "maps": []}
+
+
+def gradcam(
+    loss: Tensor,
+    maps: Union[Tensor, Sequence[Tensor]],
+    mode: str = "elementwise",
+    retain_graph: bool = True,
+) -> List[Tensor]:
+    """GradCAM of a scalar loss with respect to feature maps.
+
+    ``elementwise`` (LCR, the official code): ``ReLU(sum_c F * dL/dF)``;
+    ``channel`` (classic Grad-CAM, for ablation): ``ReLU(sum_c mean_hw(dL/dF) * F)``.
+    Computed in float32 whatever the maps' dtype. The gradient itself is not part of the
+    graph (no ``create_graph``), so the returned maps depend on the features only
+    through ``F``; detach them to use them as a fixed target.
+
+    Args:
+        loss: Scalar loss whose graph contains ``maps``.
+        maps: One map or a list of maps, each (B, C, H, W).
+        mode: ``"elementwise"`` or ``"channel"``.
+        retain_graph: Keep the graph for the main backward (default True).
+
+    Returns:
+        One GradCAM map (B, H, W) in float32 per input map.
+
+    Raises:
+        ValueError: On an unknown mode, a non-scalar loss, or maps outside the graph.
+    """
+    if mode not in GRADCAM_MODES:
+        raise ValueError(f"Unknown GradCAM mode {mode!r}; expected one of {GRADCAM_MODES}.")
+    if loss.dim() != 0:
+        raise ValueError(f"GradCAM needs a scalar loss, got shape {tuple(loss.shape)}.")
+    maps = [maps] if isinstance(maps, Tensor) else list(maps)
+    if not maps:
+        return []
+    grads = torch.autograd.grad(loss, maps, retain_graph=retain_graph, allow_unused=True)
+    cams = []
+    for feature, grad in zip(maps, grads):
+        if grad is None:
+            raise ValueError(
+                "The SSL loss does not depend on a captured feature map: the hooked layer "
+                "is not on the path from the online view to the loss."
+            )
+        f32, g32 = feature.float(), grad.float()
+        if mode == "channel":
+            g32 = g32.mean(dim=(2, 3), keepdim=True)
+        cams.append(torch.relu((f32 * g32).sum(dim=1)))
+    return cams

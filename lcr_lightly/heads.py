@@ -1,0 +1,147 @@
+"""The common rationale head (GFB) and rationale pooling.
+
+The head is the paper's "GradCAM fitting branch": a 1x1 convolution projects the
+C-channel feature map onto K directions, batch norm and ReLU follow, and the maximum
+over the K responses at each position is the rationale map ``A``. At inference ``A``,
+min-max normalised per image, weights the average pooling of the feature map.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+NORMALIZE_MODES = ("image", "batch")
+
+
+def minmax_normalize(maps: Tensor, over: str = "image", eps: float = 1e-7) -> Tensor:
+    """Min-max normalises maps to [0, 1].
+
+    Args:
+        maps: Maps of shape (B, H, W).
+        over: ``"image"``: each map by its own min and max (the paper);
+            ``"batch"``: by the min and max of the whole batch (the official code).
+        eps: Added to the range to avoid division by zero.
+
+    Returns:
+        Normalised maps of shape (B, H, W).
+    """
+    if over not in NORMALIZE_MODES:
+        raise ValueError(f"Unknown normalisation {over!r}; expected one of {NORMALIZE_MODES}.")
+    if over == "batch":
+        low = maps.min()
+        shifted = maps - low
+        return shifted / (shifted.max() + eps)
+    flat = maps.flatten(1)
+    low = flat.min(dim=1).values[:, None, None]
+    high = flat.max(dim=1).values[:, None, None]
+    return (maps - low) / (high - low + eps)
+
+
+def weighted_average_pool(features: Tensor, weights: Tensor) -> Tensor:
+    """Average pooling of a feature map weighted per position.
+
+    Args:
+        features: Feature map (B, C, H, W).
+        weights: Per-position weights (B, H, W).
+
+    Returns:
+        Pooled features (B, C): ``sum_hw weights * features / (H * W)``.
+    """
+    b, c, h, w = features.shape
+    pooled = torch.bmm(features.reshape(b, c, h * w), weights.reshape(b, h * w, 1).to(features))
+    return pooled.squeeze(2) / (h * w)
+
+
+class CommonRationaleHead(nn.Module):
+    """Learns the common rationale map from a backbone's feature map.
+
+    1x1 conv C -> K (no bias) -> BatchNorm2d -> ReLU -> max over K.
+
+    Args:
+        in_channels: Channels C of the feature map (2048 for a ResNet-50 ``layer4``).
+        k: Number of projections K (the paper uses 32; 4-64 work).
+        normalize: How :meth:`attention` normalises the map: ``"image"`` (the paper,
+            default) or ``"batch"`` (the official code's inference, for ablation only).
+
+    Example:
+        >>> head = CommonRationaleHead(2048, k=32)
+        >>> feats = torch.randn(8, 2048, 7, 7)
+        >>> head(feats).shape, head.pool(feats).shape
+        (torch.Size([8, 7, 7]), torch.Size([8, 2048]))
+    """
+
+    def __init__(self, in_channels: int, k: int = 32, normalize: str = "image") -> None:
+        super().__init__()
+        if in_channels < 1 or k < 1:
+            raise ValueError(f"in_channels and k must be positive, got {in_channels}, {k}.")
+        if normalize not in NORMALIZE_MODES:
+            raise ValueError(
+                f"Unknown normalize={normalize!r}; expected one of {NORMALIZE_MODES}."
+            )
+        self.in_channels = in_channels
+        self.k = k
+        self.normalize = normalize
+        self.conv = nn.Conv2d(in_channels, k, kernel_size=1, bias=False)
+        self.bn = nn.BatchNorm2d(k)
+        self.relu = nn.ReLU(inplace=True)
+
+    def _check(self, features: Tensor) -> None:
+        if features.dim() != 4:
+            raise ValueError(
+                f"CommonRationaleHead expects a (B, C, H, W) map, got {tuple(features.shape)}."
+            )
+        if features.shape[1] != self.in_channels:
+            raise ValueError(
+                f"CommonRationaleHead was built for in_channels={self.in_channels} but the "
+                f"feature map has {features.shape[1]} channels; pass in_channels="
+                f"{features.shape[1]} (or the right layer=)."
+            )
+
+    def projections(self, features: Tensor) -> Tensor:
+        """The K projection maps after BN and ReLU.
+
+        Args:
+            features: Feature map (B, C, H, W).
+
+        Returns:
+            Projection maps (B, K, H, W).
+        """
+        self._check(features)
+        return self.relu(self.bn(self.conv(features)))
+
+    def forward(self, features: Tensor) -> Tensor:
+        """The raw rationale map A.
+
+        Args:
+            features: Feature map (B, C, H, W).
+
+        Returns:
+            Rationale map (B, H, W), max over the K projections.
+        """
+        return self.projections(features).amax(dim=1)
+
+    def attention(self, features: Tensor) -> Tensor:
+        """The normalised rationale map A' in [0, 1].
+
+        Args:
+            features: Feature map (B, C, H, W).
+
+        Returns:
+            Map (B, H, W), min-max normalised per image (or per batch, see ``normalize``).
+        """
+        return minmax_normalize(self(features), over=self.normalize)
+
+    def pool(self, features: Tensor) -> Tensor:
+        """Rationale pooling: the average pooling of F weighted by A'.
+
+        Args:
+            features: Feature map (B, C, H, W).
+
+        Returns:
+            Pooled representation (B, C) = sum_hw A' * F / (H * W).
+        """
+        return weighted_average_pool(features, self.attention(features))
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, k={self.k}, normalize={self.normalize!r}"

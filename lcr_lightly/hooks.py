@@ -1,0 +1,134 @@
+"""Forward hooks that survive ``copy.deepcopy`` and pickling without leaking.
+
+``copy.deepcopy`` copies a module's forward hooks together with the module. A plain
+bound-method hook would make a momentum backbone copied after wrapping feed a copy of
+our state. Here the hook registered on a module is a :class:`_WeakHook`: it copies and
+pickles as a dead hook, and the owning :class:`LayerHook` re-registers itself on its own
+(copied) module when it is copied or unpickled as part of a whole model.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from typing import Any, Optional
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+
+class _WeakHook:
+    """A forward hook that calls an owner it does not keep alive; copies are dead."""
+
+    def __init__(self, owner: Optional[LayerHook]) -> None:
+        self.ref = weakref.ref(owner) if owner is not None else None
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        owner = self.ref() if self.ref is not None else None
+        if owner is None or module is not owner.module:
+            return None
+        return owner.on_forward(module, args, output)
+
+    def __reduce__(self) -> Any:
+        return (_WeakHook, (None,))
+
+
+def remove_hooks(root: nn.Module) -> int:
+    """Removes every lcr-lightly hook, live or copied, from a module tree.
+
+    Args:
+        root: Root of the tree.
+
+    Returns:
+        How many hooks were removed.
+    """
+    removed = 0
+    for module in root.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if isinstance(hook, _WeakHook):
+                del module._forward_hooks[key]
+                module._forward_hooks_with_kwargs.pop(key, None)
+                module._forward_hooks_always_called.pop(key, None)
+                removed += 1
+    return removed
+
+
+def count_hooks(root: nn.Module) -> int:
+    """Counts the lcr-lightly hooks in a module tree (live or copied).
+
+    Args:
+        root: Root of the tree.
+
+    Returns:
+        The number of hooks.
+    """
+    return sum(
+        isinstance(h, _WeakHook) for m in root.modules() for h in m._forward_hooks.values()
+    )
+
+
+class LayerHook:
+    """Base class: a removable forward hook on one module, owned by this object.
+
+    Subclasses implement :meth:`on_forward`. The hook is registered on construction,
+    removed by :meth:`release` (or on leaving a ``with`` block), and re-registered on
+    the copied module when this object is deep-copied or unpickled.
+
+    Args:
+        module: The module to hook.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self._handle: Optional[RemovableHandle] = None
+        self.attach()
+
+    def on_forward(self, module: nn.Module, args: Any, output: Any) -> Any:
+        """Called after ``module.forward``; a non-None return replaces the output."""
+        raise NotImplementedError
+
+    def attach(self) -> None:
+        """Registers the hook if it is not registered."""
+        if self._handle is None:
+            self._handle = self.module.register_forward_hook(_WeakHook(self))
+
+    def release(self) -> None:
+        """Removes the hook."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hook is registered."""
+        return self._handle is not None
+
+    def __enter__(self) -> LayerHook:
+        self.attach()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def _transient_state(self) -> dict:
+        """State reset on copy/pickle (recorded tensors, handles)."""
+        return {"_handle": None}
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.update(self._transient_state())
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        was_attached = state.pop("_was_attached", True)
+        self.__dict__.update(state)
+        if was_attached:
+            self.attach()
+
+    def __deepcopy__(self, memo: dict) -> LayerHook:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        state = copy.deepcopy(self.__getstate__(), memo)
+        state["_was_attached"] = self.attached
+        new.__setstate__(state)
+        return new

@@ -1,0 +1,20 @@
+"""Self-supervised LightningModules built from lightly blocks."""
+
+from lcr_lightly.models.backbones import SmallResNet, build_backbone, load_backbone_weights
+from lcr_lightly.models.base import SSLModule, split_views
+from lcr_lightly.models.methods import BYOL, SimCLR, MoCoV2, SimSiam
+
+METHODS = {"mocov2": MoCoV2, "byol": BYOL, "simsiam": SimSiam, "simclr": SimCLR}
+
+__all__ = [
+    "BYOL",
+    "METHODS",
+    "MoCoV2",
+    "SSLModule",
+    "SimCLR",
+    "SimSiam",
+    "SmallResNet",
+    "build_backbone",
+    "load_backbone_weights",
+    "split_views",
+]

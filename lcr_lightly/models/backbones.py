@@ -1,0 +1,162 @@
+"""Backbones for the SSL models: torchvision ResNets by name, small ResNets for CPU
+runs, and loading of local pretrained weights (nothing is ever downloaded)."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
+
+BackboneSpec = Union[str, nn.Module]
+
+
+class SmallResNet(ResNet):
+    """A torchvision ResNet with configurable stage widths, for CPU-sized experiments.
+
+    It has the same attributes as a torchvision ResNet (``conv1``, ``layer1`` ...
+    ``layer4``, ``avgpool``, ``fc``) so every tool that handles torchvision ResNets
+    (layer discovery, weight loading) handles it too.
+
+    Args:
+        widths: Channels of the four stages.
+        blocks: Basic blocks per stage.
+        small_input: Use a 3x3 stride-1 stem without max-pooling (32-64 px images).
+    """
+
+    def __init__(
+        self,
+        widths: Sequence[int] = (16, 32, 64, 128),
+        blocks: Sequence[int] = (1, 1, 1, 1),
+        small_input: bool = True,
+    ) -> None:
+        nn.Module.__init__(self)
+        if len(widths) != 4 or len(blocks) != 4:
+            raise ValueError("SmallResNet needs 4 widths and 4 block counts.")
+        self._norm_layer = nn.BatchNorm2d
+        self.inplanes = widths[0]
+        self.dilation = 1
+        self.groups = 1
+        self.base_width = 64
+        if small_input:
+            self.conv1 = nn.Conv2d(3, widths[0], 3, stride=1, padding=1, bias=False)
+            self.maxpool: nn.Module = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(3, widths[0], 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(BasicBlock, widths[0], blocks[0])
+        self.layer2 = self._make_layer(BasicBlock, widths[1], blocks[1], stride=2)
+        self.layer3 = self._make_layer(BasicBlock, widths[2], blocks[2], stride=2)
+        self.layer4 = self._make_layer(BasicBlock, widths[3], blocks[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(widths[3], 1000)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+def _clean_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    for key in ("state_dict", "model", "backbone"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+    cleaned = {}
+    for name, value in state.items():
+        for prefix in ("module.", "backbone.", "encoder_q.", "online_encoder.0."):
+            if name.startswith(prefix):
+                name = name[len(prefix) :]
+        if not name.startswith("fc."):
+            cleaned[name] = value
+    return cleaned
+
+
+def load_backbone_weights(backbone: nn.Module, path: Union[str, os.PathLike]) -> Tuple[int, int]:
+    """Loads pretrained backbone weights from a local file.
+
+    Accepts a plain ``state_dict``, a checkpoint with ``state_dict``/``model`` inside,
+    and keys prefixed with ``module.``, ``backbone.`` or ``encoder_q.``; the
+    classification layer ``fc`` is ignored.
+
+    Args:
+        backbone: The backbone to load into.
+        path: Local file (e.g. torchvision's ``resnet50-0676ba61.pth``).
+
+    Returns:
+        ``(loaded, missing)`` key counts.
+
+    Raises:
+        FileNotFoundError: If the file does not exist (nothing is downloaded).
+        ValueError: If no key of the file matches the backbone.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"Pretrained weights file not found: {path}. lcr-lightly never downloads "
+            "weights: put the file there (e.g. torchvision's resnet50-0676ba61.pth) or "
+            "pass weights=None to start from random initialisation."
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    cleaned = _clean_state_dict(state)
+    own = backbone.state_dict()
+    matched = {k: v for k, v in cleaned.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise ValueError(
+            f"No parameter in {path} matches the backbone {type(backbone).__name__} "
+            f"(file keys such as {list(cleaned)[:3]}, backbone keys such as {list(own)[:3]})."
+        )
+    backbone.load_state_dict(matched, strict=False)
+    return len(matched), len([k for k in own if k not in matched and not k.startswith("fc.")])
+
+
+def build_backbone(
+    backbone: BackboneSpec = "resnet50",
+    weights: Optional[Union[str, os.PathLike]] = None,
+) -> Tuple[nn.Module, int]:
+    """Builds a backbone whose forward returns pooled features (B, D).
+
+    Args:
+        backbone: A torchvision ResNet name (``"resnet18"``, ``"resnet50"``...),
+            ``"small_resnet"`` (CPU-sized), or a module (used as is).
+        weights: Optional local file with pretrained weights.
+
+    Returns:
+        The backbone (classification layer replaced by identity) and its feature dim D.
+    """
+    if isinstance(backbone, str):
+        if backbone == "small_resnet":
+            module: nn.Module = SmallResNet()
+        elif backbone.startswith(("resnet", "resnext", "wide_resnet")) and hasattr(
+            torchvision.models, backbone
+        ):
+            module = getattr(torchvision.models, backbone)(weights=None)
+        else:
+            raise ValueError(
+                f"Unknown backbone {backbone!r}: use a torchvision ResNet name "
+                "('resnet18', 'resnet50', ...), 'small_resnet', or pass a module."
+            )
+    elif isinstance(backbone, nn.Module):
+        module = backbone
+    else:
+        raise TypeError(f"backbone must be a name or an nn.Module, not {type(backbone)}.")
+    if weights is not None:
+        load_backbone_weights(module, weights)
+    fc = getattr(module, "fc", None)
+    if isinstance(fc, nn.Linear):
+        dim = fc.in_features
+        module.fc = nn.Identity()
+    else:
+        dim = _probe_dim(module)
+    return module, dim
+
+
+def _probe_dim(module: nn.Module) -> int:
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        ref = next(module.parameters())
+        out = module(torch.zeros(2, 3, 64, 64, device=ref.device, dtype=ref.dtype))
+    module.train(was_training)
+    return int(out.flatten(1).shape[1])

@@ -123,7 +123,8 @@ def gradcam(
     maps: Union[Tensor, Sequence[Tensor]],
     mode: str = "elementwise",
     retain_graph: bool = True,
-) -> List[Tensor]:
+    allow_unused: bool = False,
+) -> List[Optional[Tensor]]:
     """GradCAM of a scalar loss with respect to feature maps.
 
     ``elementwise`` (LCR, the official code): ``ReLU(sum_c F * dL/dF)``;
@@ -137,9 +138,12 @@ def gradcam(
         maps: One map or a list of maps, each (B, C, H, W).
         mode: ``"elementwise"`` or ``"channel"``.
         retain_graph: Keep the graph for the main backward (default True).
+        allow_unused: Return None for maps the loss does not depend on, instead of
+            raising.
 
     Returns:
-        One GradCAM map (B, H, W) in float32 per input map.
+        One GradCAM map (B, H, W) in float32 per input map (None for unused maps when
+        ``allow_unused``).
 
     Raises:
         ValueError: On an unknown mode, a non-scalar loss, or maps outside the graph.
@@ -152,8 +156,11 @@ def gradcam(
     if not maps:
         return []
     grads = torch.autograd.grad(loss, maps, retain_graph=retain_graph, allow_unused=True)
-    cams = []
+    cams: List[Optional[Tensor]] = []
     for feature, grad in zip(maps, grads):
+        if grad is None and allow_unused:
+            cams.append(None)
+            continue
         if grad is None:
             raise ValueError(
                 "The SSL loss does not depend on a captured feature map: the hooked layer "

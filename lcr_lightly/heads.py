@@ -76,9 +76,7 @@ class CommonRationaleHead(nn.Module):
         if in_channels < 1 or k < 1:
             raise ValueError(f"in_channels and k must be positive, got {in_channels}, {k}.")
         if normalize not in NORMALIZE_MODES:
-            raise ValueError(
-                f"Unknown normalize={normalize!r}; expected one of {NORMALIZE_MODES}."
-            )
+            raise ValueError(f"Unknown normalize={normalize!r}; expected one of {NORMALIZE_MODES}.")
         self.in_channels = in_channels
         self.k = k
         self.normalize = normalize
@@ -144,4 +142,5 @@ class CommonRationaleHead(nn.Module):
         return weighted_average_pool(features, self.attention(features))
 
     def extra_repr(self) -> str:
+        """Settings shown in ``repr``."""
         return f"in_channels={self.in_channels}, k={self.k}, normalize={self.normalize!r}"

@@ -62,9 +62,7 @@ def count_hooks(root: nn.Module) -> int:
     Returns:
         The number of hooks.
     """
-    return sum(
-        isinstance(h, _WeakHook) for m in root.modules() for h in m._forward_hooks.values()
-    )
+    return sum(isinstance(h, _WeakHook) for m in root.modules() for h in m._forward_hooks.values())
 
 
 class LayerHook:

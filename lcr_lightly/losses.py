@@ -135,6 +135,7 @@ class GradCAMFitLoss(nn.Module):
             return kl.sum() if self.reduction == "sum" else kl.mean()
 
     def extra_repr(self) -> str:
+        """Settings shown in ``repr``."""
         return (
             f"tau={self.tau}, target={self.target!r}, head={self.head!r}, "
             f"direction={self.direction!r}, detach_target={self.detach_target}, "

@@ -158,7 +158,8 @@ class CommonRationale(nn.Module):
         """The fitting loss for the maps captured since the last call.
 
         Computes GradCAM of ``ssl_loss`` for each captured map, the head's map for the
-        same features, and averages :attr:`loss_fn` over the maps. Clears the capture.
+        same features, and averages :attr:`loss_fn` over the maps (maps the loss does not
+        depend on, e.g. extra monitoring forwards, are skipped). Clears the capture.
 
         Args:
             ssl_loss: The scalar self-supervised loss of this step.
@@ -183,12 +184,19 @@ class CommonRationale(nn.Module):
             )
         if self.views == "first":
             maps = maps[:1]
-        cams = gradcam(ssl_loss, maps, mode=self.gradcam_mode)
-        if not all(torch.isfinite(c).all() for c in cams):
+        cams = gradcam(ssl_loss, maps, mode=self.gradcam_mode, allow_unused=True)
+        pairs = [(f, c) for f, c in zip(maps, cams) if c is not None]
+        if not pairs:
+            raise RuntimeError(
+                "The SSL loss does not depend on any feature map captured at "
+                f"{type(self.capture.layer).__name__}: the hooked layer is not on the path "
+                "from the online views to the loss. Pass layer=<name> of the online encoder."
+            )
+        if not all(torch.isfinite(c).all() for _, c in pairs):
             self._nonfinite("GradCAM of the SSL loss")
             return None
         terms = []
-        for feature, cam in zip(maps, cams):
+        for feature, cam in pairs:
             head_map = self.head(feature.detach() if self.detach_features else feature)
             terms.append(self.loss_fn(head_map, cam))
         kl = torch.stack(terms).mean()
@@ -204,6 +212,7 @@ class CommonRationale(nn.Module):
             self.pooler.release()
 
     def extra_repr(self) -> str:
+        """Settings shown in ``repr``."""
         return (
             f"layer={type(self.capture.layer).__name__}, pooling={self.pooling!r}, "
             f"detach_features={self.detach_features}, gradcam_mode={self.gradcam_mode!r}, "
@@ -340,8 +349,9 @@ class _TrainingStep(_MethodWrapper):
         if kl is None:
             return output
         total = loss + lcr.weight * kl
-        if getattr(model, "_trainer", None) is not None:
-            model.log("train_lcr_kl", kl.detach(), prog_bar=True, batch_size=lcr.batch_size)
+        log = getattr(model, "log", None)
+        if getattr(model, "_trainer", None) is not None and callable(log):
+            log("train_lcr_kl", kl.detach(), prog_bar=True, batch_size=lcr.batch_size)
         if isinstance(output, dict):
             output = dict(output)
             output["loss"] = total
@@ -479,11 +489,11 @@ def with_common_rationale(
         **options,
     )
     model.add_module(SUBMODULE, lcr)
-    model.training_step = _TrainingStep(model, model.__dict__.get("training_step"))
+    # Instance attributes shadow the class's methods; ``release`` deletes them again.
+    model.__dict__["training_step"] = _TrainingStep(model, model.__dict__.get("training_step"))
     if callable(getattr(model, "configure_optimizers", None)):
-        model.configure_optimizers = _ConfigureOptimizers(
-            model, model.__dict__.get("configure_optimizers")
-        )
+        original = model.__dict__.get("configure_optimizers")
+        model.__dict__["configure_optimizers"] = _ConfigureOptimizers(model, original)
     return model
 
 

@@ -2,7 +2,7 @@
 
 from lcr_lightly.models.backbones import SmallResNet, build_backbone, load_backbone_weights
 from lcr_lightly.models.base import SSLModule, split_views
-from lcr_lightly.models.methods import BYOL, SimCLR, MoCoV2, SimSiam
+from lcr_lightly.models.methods import BYOL, MoCoV2, SimCLR, SimSiam
 
 METHODS = {"mocov2": MoCoV2, "byol": BYOL, "simsiam": SimSiam, "simclr": SimCLR}
 

@@ -1,10 +1,13 @@
-"""Backbones for the SSL models: torchvision ResNets by name, small ResNets for CPU
-runs, and loading of local pretrained weights (nothing is ever downloaded)."""
+"""Backbones for the SSL models.
+
+torchvision ResNets by name, small ResNets for CPU runs, and loading of local
+pretrained weights (nothing is ever downloaded).
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torchvision
@@ -60,7 +63,7 @@ class SmallResNet(ResNet):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
 
-def _clean_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def _clean_state_dict(state: Any) -> Dict[str, torch.Tensor]:
     for key in ("state_dict", "model", "backbone"):
         if isinstance(state.get(key), dict):
             state = state[key]

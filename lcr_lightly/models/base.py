@@ -112,13 +112,16 @@ class SSLModule(LightningModule):
         views, targets = split_views(batch)
         loss, features = self.ssl_loss(views)
         batch_size = len(views[0])
-        self.log("train_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch_size)
+        attached = self._trainer is not None
+        if attached:
+            self.log("train_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch_size)
         if self.online_classifier is None or targets is None:
             return loss
         cls_loss, cls_log = self.online_classifier.training_step(
             (features.detach(), targets), batch_idx
         )
-        self.log_dict(cls_log, sync_dist=True, batch_size=batch_size)
+        if attached:
+            self.log_dict(cls_log, sync_dist=True, batch_size=batch_size)
         return loss + cls_loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> Optional[Tensor]:

@@ -1,0 +1,113 @@
+import pytest
+import torch
+from torch import nn
+
+from lcr_lightly import FeatureCapture, gradcam, tokens_to_map
+from tests.conftest import tiny_resnet
+
+
+def _loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return (model(x) ** 2).mean() + model(x.flip(-1)).sum() * 1e-2
+
+
+def test_gradcam_matches_manual_autograd():
+    torch.manual_seed(0)
+    model = tiny_resnet()
+    x = torch.randn(4, 3, 32, 32)
+    with FeatureCapture(model.layer4) as capture:
+        loss = _loss(model, x)
+        maps = list(capture.maps)
+        cams = gradcam(loss, maps)
+    assert len(maps) == 2 and len(cams) == 2
+    for feature, cam in zip(maps, cams):
+        (grad,) = torch.autograd.grad(loss, feature, retain_graph=True)
+        expected = torch.clamp((feature * grad).sum(dim=1), min=0)
+        assert cam.shape == (4, 4, 4)
+        torch.testing.assert_close(cam, expected)
+
+
+def test_channel_mode_matches_classic_gradcam():
+    torch.manual_seed(0)
+    model = tiny_resnet()
+    with FeatureCapture(model.layer4) as capture:
+        loss = _loss(model, torch.randn(2, 3, 32, 32))
+        feature = capture.maps[0]
+        (cam,) = gradcam(loss, feature, mode="channel")
+    (grad,) = torch.autograd.grad(loss, feature, retain_graph=True)
+    weights = grad.mean(dim=(2, 3))
+    expected = torch.zeros(2, 4, 4)
+    for b in range(2):
+        for c in range(feature.shape[1]):
+            expected[b] += weights[b, c] * feature[b, c]
+    torch.testing.assert_close(cam, expected.clamp(min=0))
+
+
+def test_gradcam_is_float32_for_bf16_maps():
+    feature = torch.randn(2, 4, 3, 3, dtype=torch.bfloat16, requires_grad=True)
+    loss = (feature.float() ** 2).sum()
+    (cam,) = gradcam(loss, [feature])
+    assert cam.dtype == torch.float32
+
+
+def test_gradcam_rejects_bad_inputs():
+    f = torch.randn(2, 4, 3, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="scalar"):
+        gradcam(f.sum(dim=1), [f])
+    with pytest.raises(ValueError, match="Unknown GradCAM mode"):
+        gradcam(f.sum(), [f], mode="pixel")
+    other = torch.randn(2, 4, 3, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="does not depend"):
+        gradcam((f**2).sum(), [other])
+
+
+def test_capture_ignores_no_grad_eval_and_frozen_outputs():
+    model = tiny_resnet()
+    x = torch.randn(2, 3, 32, 32)
+    capture = FeatureCapture(model.layer4)
+    with torch.no_grad():
+        model(x)
+    assert capture.maps == []
+    model.eval()
+    model(x)
+    assert capture.maps == []
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model(x)  # input does not require grad either: frozen copy
+    assert capture.maps == []
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model(x)
+    model(x)
+    assert len(capture.maps) == 2
+    capture.clear()
+    assert capture.maps == []
+    capture.release()
+    assert not capture.attached and len(model.layer4._forward_hooks) == 0
+    model(x)
+    assert capture.maps == []
+
+
+def test_capture_rejects_non_map_output():
+    lin = nn.Linear(4, 3)
+    capture = FeatureCapture(lin)
+    with pytest.raises(ValueError, match="4-D map"):
+        lin(torch.randn(2, 4))
+    capture.release()
+
+
+def test_tokens_to_map():
+    tokens = torch.arange(2 * 17 * 3, dtype=torch.float32).reshape(2, 17, 3)
+    fmap = tokens_to_map(tokens, num_prefix_tokens=1)
+    assert fmap.shape == (2, 3, 4, 4)
+    # position (i, j) is patch token 1 + 4 i + j
+    assert torch.equal(fmap[1, :, 2, 3], tokens[1, 1 + 4 * 2 + 3])
+    with pytest.raises(ValueError, match="square"):
+        tokens_to_map(torch.randn(2, 16, 3), num_prefix_tokens=1)
+
+
+def test_capture_with_reshape_records_token_maps():
+    layer = nn.Linear(3, 3)
+    capture = FeatureCapture(layer, reshape=lambda t: tokens_to_map(t, 1))
+    layer(torch.randn(2, 10, 3))
+    assert capture.maps[0].shape == (2, 3, 3, 3)

@@ -1,0 +1,111 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lcr_lightly import GradCAMFitLoss
+
+
+def _softmax_rows(rows):
+    out = []
+    for row in rows:
+        m = max(row)
+        e = [math.exp(v - m) for v in row]
+        s = sum(e)
+        out.append([v / s for v in e])
+    return out
+
+
+def _kl_rows(p_rows, q_rows):
+    return [sum(p * math.log(p / q) for p, q in zip(pr, qr)) for pr, qr in zip(p_rows, q_rows)]
+
+
+def _hand_loss(a, g, tau, target, direction, reduction):
+    a_rows = [[v / tau for v in row] for row in a.flatten(1).tolist()]
+    g_rows = g.flatten(1).tolist()
+    if target == "max":
+        g_rows = [[v / max(row) for v in row] for row in g_rows]
+    g_rows = [[v / tau for v in row] for row in g_rows]
+    pa, pg = _softmax_rows(a_rows), _softmax_rows(g_rows)
+    kls = _kl_rows(pg, pa) if direction == "forward" else _kl_rows(pa, pg)
+    return sum(kls) if reduction == "sum" else sum(kls) / len(kls)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("target", ["raw", "max"])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum"])
+def test_kl_matches_hand_formula(direction, target, reduction):
+    torch.manual_seed(0)
+    a = torch.rand(3, 2, 3) * 2
+    g = torch.rand(3, 2, 3) * 1e-2 + 1e-4
+    loss = GradCAMFitLoss(tau=0.4, target=target, direction=direction, reduction=reduction)
+    expected = _hand_loss(a.double(), g.double(), 0.4, target, direction, reduction)
+    assert loss(a, g).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_official_preset_matches_official_formula():
+    """GANPerf/LCR main.py: kl_div(log(softmax(att/t)), softmax(cam/t), 'sum'),
+    att min-max normalised over the whole batch, cam not detached."""
+    torch.manual_seed(1)
+    feats = torch.randn(4, 5, 3, 3, requires_grad=True)
+    raw_att = torch.rand(4, 3, 3) * 3
+    gradcam = torch.relu((feats * torch.randn_like(feats)).sum(dim=1))
+    # independent re-implementation of the official lines
+    img = raw_att - torch.min(raw_att)
+    att_max = img / (1e-7 + torch.max(img))
+    t = 0.4
+    grad_cam = (gradcam.view(4, -1) / t).float()
+    att = (att_max.view(4, -1) / t).float()
+    expected = F.kl_div(att.softmax(dim=-1).log(), grad_cam.softmax(dim=-1), reduction="sum")
+    got = GradCAMFitLoss.official()(raw_att, gradcam)
+    torch.testing.assert_close(got, expected)
+    # gradient flows through the GradCAM target into the features, as in the official code
+    (g_feats,) = torch.autograd.grad(got, feats)
+    assert g_feats.abs().sum() > 0
+
+
+def test_detach_target_controls_gradient_through_gradcam():
+    a = torch.rand(2, 3, 3, requires_grad=True)
+    g = torch.rand(2, 3, 3, requires_grad=True)
+    GradCAMFitLoss(detach_target=True)(a, g).backward()
+    assert g.grad is None and a.grad is not None
+    GradCAMFitLoss(detach_target=False)(a, g).backward()
+    assert g.grad is not None and g.grad.abs().sum() > 0
+
+
+def test_max_target_is_scale_invariant_and_raw_is_not():
+    torch.manual_seed(0)
+    a, g = torch.rand(2, 4, 4), torch.rand(2, 4, 4)
+    scaled = GradCAMFitLoss(target="max")
+    torch.testing.assert_close(scaled(a, g), scaled(a, g * 1e-3))
+    raw = GradCAMFitLoss(target="raw")
+    assert not torch.allclose(raw(a, g), raw(a, g * 1e-3))
+
+
+def test_minmax_head_option_normalises_over_batch():
+    torch.manual_seed(0)
+    a, g = torch.rand(2, 3, 3), torch.rand(2, 3, 3)
+    lo, hi = a.min(), a.max()
+    expected = GradCAMFitLoss(head="raw")((a - lo) / (hi - lo + 1e-7), g)
+    torch.testing.assert_close(GradCAMFitLoss(head="minmax")(a, g), expected)
+
+
+def test_kl_is_zero_for_identical_distributions():
+    a = torch.rand(3, 4, 4)
+    torch.testing.assert_close(GradCAMFitLoss(target="raw")(a, a.clone()), torch.tensor(0.0))
+
+
+def test_bad_options_and_shapes():
+    for kwargs in (
+        {"target": "norm"},
+        {"head": "softmax"},
+        {"direction": "both"},
+        {"reduction": "mean"},
+    ):
+        with pytest.raises(ValueError, match="Unknown"):
+            GradCAMFitLoss(**kwargs)
+    with pytest.raises(ValueError, match="tau"):
+        GradCAMFitLoss(tau=0)
+    with pytest.raises(ValueError, match="same shape"):
+        GradCAMFitLoss()(torch.rand(2, 3, 3), torch.rand(2, 3, 4))

@@ -1,0 +1,96 @@
+import pytest
+import torch
+from lightly.utils.benchmarking import OnlineLinearClassifier
+
+from lcr_lightly import count_hooks, with_common_rationale
+from lcr_lightly.models import BYOL, METHODS, MoCoV2, SimCLR, SimSiam, build_backbone, split_views
+from lcr_lightly.models.backbones import SmallResNet, load_backbone_weights
+from tests.conftest import loader, quiet_trainer, tiny_resnet
+
+SMALL = {
+    "mocov2": dict(memory_bank_size=32, hidden_dim=16, out_dim=8),
+    "byol": dict(hidden_dim=16, out_dim=8),
+    "simsiam": dict(proj_dim=16, pred_hidden_dim=8),
+    "simclr": dict(hidden_dim=16, out_dim=8),
+}
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_fits_two_steps(name, wrapped):
+    torch.manual_seed(0)
+    model = METHODS[name](backbone=tiny_resnet(), batch_size=8, num_classes=4, **SMALL[name])
+    if wrapped:
+        model = with_common_rationale(model, k=4)
+    before = [p.detach().clone() for p in model.backbone.parameters()]
+    trainer = quiet_trainer(max_steps=2)
+    trainer.fit(model, loader())
+    assert trainer.global_step == 2
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train_loss"])
+    assert ("train_lcr_kl" in metrics) == wrapped
+    changed = any(not torch.equal(a, b) for a, b in zip(before, model.backbone.parameters()))
+    assert changed
+    model.eval()
+    with torch.no_grad():
+        feats = model(torch.randn(3, 3, 32, 32))
+    assert feats.shape == (3, model.feature_dim)
+    # momentum encoders are never hooked
+    for attr in ("momentum_backbone",):
+        if hasattr(model, attr):
+            assert count_hooks(getattr(model, attr)) == 0
+
+
+def test_forward_features_work_with_lightly_online_classifier():
+    model = SimSiam(backbone=tiny_resnet(), batch_size=4, **SMALL["simsiam"])
+    feats = model(torch.randn(4, 3, 32, 32))
+    clf = OnlineLinearClassifier(feature_dim=model.feature_dim, num_classes=3, topk=(1,))
+    loss, log = clf.training_step((feats, torch.tensor([0, 1, 2, 0])), 0)
+    assert torch.isfinite(loss) and "train_online_cls_top1" in log
+
+
+def test_hyperparameter_defaults_follow_the_paper():
+    moco = MoCoV2(backbone=tiny_resnet(), batch_size=32)
+    assert moco.criterion.temperature == 0.2 and moco.momentum == 0.999
+    assert moco.criterion.memory_bank.size == (65536, 256)
+    assert (moco.lr, moco.weight_decay) == (0.03, 1e-4)
+    byol = BYOL(backbone=tiny_resnet(), batch_size=32)
+    assert (byol.lr, byol.weight_decay, byol.optimizer_name) == (0.3, 1.5e-6, "lars")
+    assert (byol.momentum_start, byol.momentum_end) == (0.996, 1.0)
+    assert byol.projection_head.layers[0].out_features == 4096
+    assert SimCLR(backbone=tiny_resnet()).criterion.temperature == 0.1
+
+
+def test_torchvision_backbone_by_name():
+    model = MoCoV2(backbone="resnet18", batch_size=4, memory_bank_size=8)
+    assert model.feature_dim == 512
+    assert model.backbone.fc.__class__.__name__ == "Identity"
+
+
+def test_local_weights_are_loaded(tmp_path):
+    torch.manual_seed(0)
+    source = SmallResNet(widths=(8, 8, 16, 16))
+    path = tmp_path / "init.pth"
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in source.state_dict().items()}}, path)
+    torch.manual_seed(1)
+    backbone, dim = build_backbone(SmallResNet(widths=(8, 8, 16, 16)), weights=path)
+    assert dim == 16
+    for (k, a), b in zip(source.state_dict().items(), backbone.state_dict().values()):
+        if not k.startswith("fc."):
+            assert torch.equal(a, b), k
+
+
+def test_weight_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        build_backbone("resnet18", weights=tmp_path / "missing.pth")
+    bad = tmp_path / "bad.pth"
+    torch.save({"foo.weight": torch.zeros(2)}, bad)
+    with pytest.raises(ValueError, match="No parameter"):
+        load_backbone_weights(tiny_resnet(), bad)
+    with pytest.raises(ValueError, match="Unknown backbone"):
+        build_backbone("vgg11")
+
+
+def test_split_views_error():
+    with pytest.raises(ValueError, match="at least two augmented views"):
+        split_views((torch.randn(2, 3, 8, 8), torch.tensor([0, 1])))

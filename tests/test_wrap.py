@@ -1,0 +1,350 @@
+import copy
+import math
+
+import pytest
+import torch
+from pytorch_lightning import LightningModule
+from torch import nn
+
+from lcr_lightly import (
+    CommonRationale,
+    FeatureCapture,
+    GradCAMFitLoss,
+    attach,
+    count_hooks,
+    gradcam,
+    release,
+    set_pooling,
+    with_common_rationale,
+)
+from lcr_lightly.models import BYOL, MoCoV2
+from tests.conftest import ToySiamese, loader, quiet_trainer, tiny_resnet, two_view_batch
+
+
+def _all_forward_hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_total_loss_is_ssl_plus_weighted_kl_exactly(toy):
+    batch = two_view_batch()
+    weight = 0.37
+    # Independent computation on a copy of the unwrapped model and a copy of the head.
+    reference = copy.deepcopy(toy)
+    model = with_common_rationale(toy, k=4, weight=weight)
+    head = copy.deepcopy(model.common_rationale.head)
+    with FeatureCapture(reference.backbone.layer4) as capture:
+        ssl = ToySiamese.training_step(reference, batch, 0)
+        maps = list(capture.maps)
+    cams = [
+        torch.relu((f * g).sum(1))
+        for f, g in zip(maps, torch.autograd.grad(ssl, maps, retain_graph=True))
+    ]
+    kls = [GradCAMFitLoss()(head(f), c) for f, c in zip(maps, cams)]
+    expected = ssl + weight * (kls[0] + kls[1]) / 2
+    total = model.training_step(batch, 0)
+    torch.testing.assert_close(total, expected, rtol=0, atol=1e-6)
+    assert isinstance(model, ToySiamese) and isinstance(model.common_rationale, CommonRationale)
+
+
+def test_head_and_backbone_get_gradients_and_detach_features(toy):
+    batch = two_view_batch()
+    model = with_common_rationale(toy, k=4, weight=1.0)
+    model.training_step(batch, 0).backward()
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in model.common_rationale.parameters()
+    )
+
+    # detach_features=True: the KL gradient must not reach the backbone.
+    torch.manual_seed(0)
+    a = with_common_rationale(ToySiamese(), k=4, weight=1.0, detach_features=True)
+    torch.manual_seed(0)
+    b = ToySiamese()
+    a.training_step(batch, 0).backward()
+    ToySiamese.training_step(b, batch, 0).backward()
+    for pa, pb in zip(a.backbone.parameters(), b.backbone.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad)
+    assert a.common_rationale.head.conv.weight.grad.abs().sum() > 0
+
+
+def test_hooks_see_online_views_only():
+    torch.manual_seed(0)
+    model = with_common_rationale(
+        BYOL(backbone=tiny_resnet(), batch_size=8, hidden_dim=16, out_dim=8), k=4
+    )
+    seen = []
+    original = model.common_rationale.kl_term
+
+    def spy(loss):
+        seen.append([tuple(m.shape) for m in model.common_rationale.capture.maps])
+        return original(loss)
+
+    model.common_rationale.kl_term = spy
+    model.training_step(two_view_batch(), 0)
+    # two online views; the momentum encoder's two forward passes are not captured
+    assert seen == [[(8, 16, 4, 4), (8, 16, 4, 4)]]
+    assert count_hooks(model.momentum_backbone) == 0
+
+
+def test_deepcopy_after_wrapping_does_not_double_capture(toy):
+    model = with_common_rationale(toy, k=4)
+    capture = model.common_rationale.capture
+    model.momentum_backbone = copy.deepcopy(model.backbone)  # copies the (dead) hook
+    model.train()
+    x = torch.randn(2, 3, 32, 32)
+    model.momentum_backbone(x)  # with gradient, in training mode
+    assert capture.maps == []
+    model.backbone(x)
+    assert len(capture.maps) == 1
+    capture.clear()
+    # A whole-model copy gets its own working capture and pooling.
+    clone = copy.deepcopy(model)
+    clone.eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), model(x))
+        clone.common_rationale.head.conv.weight.mul_(-1)
+        assert not torch.allclose(clone(x), model(x))  # the clone pools with its own head
+    clone.train()
+    clone.backbone(x)
+    assert len(clone.common_rationale.capture.maps) == 1 and capture.maps == []
+
+
+def test_wrap_before_momentum_copy_does_not_double_capture():
+    torch.manual_seed(0)
+    model = with_common_rationale(ToySiamese(), k=4)
+    model.momentum = copy.deepcopy(model.backbone)
+    for p in model.momentum.parameters():
+        p.requires_grad_(False)
+    batch = two_view_batch()
+    calls = []
+    original = model.common_rationale.kl_term
+    model.common_rationale.kl_term = lambda loss: (
+        calls.append(len(model.common_rationale.capture.maps)),
+        original(loss),
+    )[1]
+    with torch.enable_grad():
+        model.momentum(batch[0][0])
+    model.training_step(batch, 0)
+    assert calls == [2]
+
+
+def test_release_removes_everything(toy):
+    before = _all_forward_hooks(toy)
+    x = torch.randn(2, 3, 32, 32)
+    toy.eval()
+    gap = toy(x)
+    model = with_common_rationale(toy, k=4)
+    assert "training_step" in model.__dict__ and count_hooks(model) == 2
+    model.momentum = copy.deepcopy(model.backbone)  # leaves a dead copy of the hook
+    lcr = release(model)
+    assert isinstance(lcr, CommonRationale)
+    assert _all_forward_hooks(model) == before == 0
+    assert "training_step" not in model.__dict__ and "configure_optimizers" not in model.__dict__
+    assert not hasattr(model, "common_rationale")
+    model.eval()
+    torch.testing.assert_close(model(x), gap)
+    with_common_rationale(model, k=4)  # can be wrapped again after release
+
+
+def test_pooling_modes(toy):
+    x = torch.randn(3, 3, 32, 32)
+    model = with_common_rationale(toy, k=4)
+    model.eval()
+    with torch.no_grad():
+        fmap = nn.Sequential(*list(model.backbone.children())[:8])(x)
+        expected = model.common_rationale.head.pool(fmap)
+        assert model.common_rationale.pooling == "rationale"
+        torch.testing.assert_close(model(x), expected)
+        set_pooling(model, "gap")
+        torch.testing.assert_close(model(x), fmap.mean(dim=(2, 3)))
+        set_pooling(model, "rationale")
+        torch.testing.assert_close(model(x), expected)
+    model.train()  # training keeps global average pooling
+    out = model(x)
+    model.common_rationale.capture.clear()
+    torch.testing.assert_close(
+        out, nn.Sequential(*list(model.backbone.children())[:8])(x).mean((2, 3))
+    )
+    with pytest.raises(ValueError, match="Unknown pooling='max'"):
+        set_pooling(model, "max")
+
+
+def test_state_dict_roundtrip_gives_identical_features(tmp_path):
+    torch.manual_seed(0)
+    model = with_common_rationale(ToySiamese(), k=4)
+    quiet_trainer(max_steps=2).fit(model, loader())
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    assert any(k.startswith("common_rationale.head.") for k in model.state_dict())
+    torch.manual_seed(1)
+    fresh = with_common_rationale(ToySiamese(), k=4)
+    fresh.load_state_dict(torch.load(path))
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    fresh.eval()
+    assert torch.equal(model(x), fresh(x))
+
+
+def test_head_is_added_to_explicit_param_groups_and_scheduler_still_works(toy):
+    model = with_common_rationale(toy, k=4)
+    trainer = quiet_trainer(max_steps=3)
+    head_before = model.common_rationale.head.conv.weight.detach().clone()
+    trainer.fit(model, loader())
+    held = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert all(id(p) in held for p in model.common_rationale.parameters())
+    assert not torch.equal(head_before, model.common_rationale.head.conv.weight)
+
+
+def test_dict_output_with_loss(toy):
+    class DictOut(ToySiamese):
+        def training_step(self, batch, batch_idx):
+            return {"loss": super().training_step(batch, batch_idx), "extra": 1}
+
+    torch.manual_seed(0)
+    model = with_common_rationale(DictOut(), k=4)
+    out = model.training_step(two_view_batch(), 0)
+    assert set(out) == {"loss", "extra"} and out["loss"].dim() == 0
+
+
+def test_errors_are_clear(toy):
+    model = with_common_rationale(toy, k=4)
+    with pytest.raises(ValueError, match="wrapped already"):
+        with_common_rationale(model)
+
+    class ReturnsNone(ToySiamese):
+        def training_step(self, batch, batch_idx):
+            super().training_step(batch, batch_idx)
+            return None
+
+    with pytest.raises(TypeError, match="returned NoneType.*scalar loss"):
+        with_common_rationale(ReturnsNone(), k=4).training_step(two_view_batch(), 0)
+
+    class VectorLoss(ToySiamese):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) * torch.ones(3)
+
+    with pytest.raises(TypeError, match="shape"):
+        with_common_rationale(VectorLoss(), k=4).training_step(two_view_batch(), 0)
+
+    class NoBackbone(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.encoder = tiny_resnet()
+
+        def training_step(self, batch, batch_idx):
+            return self.encoder(batch).sum()
+
+    with pytest.raises(ValueError, match="no 'backbone'"):
+        with_common_rationale(NoBackbone())
+    wrapped = with_common_rationale(NoBackbone(), layer="encoder.layer4", k=4)
+    assert wrapped.common_rationale.capture.layer is wrapped.encoder.layer4
+    with pytest.raises(ValueError, match="No layer named 'encoder.layer9'"):
+        with_common_rationale(NoBackbone(), layer="encoder.layer9")
+
+    with pytest.raises(TypeError, match="no training_step"):
+        with_common_rationale(tiny_resnet())
+
+    class Manual(ToySiamese):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+    with pytest.raises(ValueError, match="manual optimisation"):
+        with_common_rationale(Manual())
+
+    with pytest.raises(ValueError, match="in_channels=16.*has 16 channels|channels"):
+        with_common_rationale(ToySiamese(), in_channels=7).training_step(two_view_batch(), 0)
+
+
+def test_no_captured_map_is_an_error():
+    class MomentumOnly(ToySiamese):
+        def training_step(self, batch, batch_idx):
+            with torch.no_grad():
+                self.backbone(batch[0][0])
+            return self.projection.weight.sum()
+
+    model = with_common_rationale(MomentumOnly(), k=4)
+    with pytest.raises(RuntimeError, match="captured no feature map"):
+        model.training_step(two_view_batch(), 0)
+
+    class OffPath(ToySiamese):
+        def training_step(self, batch, batch_idx):
+            self.backbone(batch[0][0])  # a monitoring forward, not part of the loss
+            return self.projection.weight.sum()
+
+    with pytest.raises(RuntimeError, match="does not depend on any feature map"):
+        with_common_rationale(OffPath(), k=4).training_step(two_view_batch(), 0)
+
+
+def test_views_the_loss_ignores_are_skipped():
+    class ExtraForward(ToySiamese):
+        def training_step(self, batch, batch_idx):
+            self.backbone(batch[0][0])  # captured, but off the loss path
+            return super().training_step(batch, batch_idx)
+
+    torch.manual_seed(0)
+    model = with_common_rationale(ExtraForward(), k=4)
+    assert model.training_step(two_view_batch(), 0).dim() == 0
+
+
+def test_nonfinite_handling(toy):
+    class NanLoss(ToySiamese):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) * float("nan")
+
+    with pytest.raises(FloatingPointError, match="SSL loss"):
+        with_common_rationale(NanLoss(), k=4).training_step(two_view_batch(), 0)
+    skipping = with_common_rationale(NanLoss(), k=4, nonfinite="skip")
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        assert skipping.training_step(two_view_batch(), 0) is None
+
+    model = with_common_rationale(toy, k=4)
+    with torch.no_grad():
+        model.common_rationale.head.conv.weight.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match="KL"):
+        model.training_step(two_view_batch(), 0)
+    model.common_rationale.nonfinite = "skip"
+    with pytest.warns(RuntimeWarning):
+        out = model.training_step(two_view_batch(), 0)
+    assert math.isfinite(out.item())
+
+
+def test_functional_api_plain_loop():
+    torch.manual_seed(0)
+    backbone = tiny_resnet()
+    backbone.fc = nn.Identity()
+    projector = nn.Linear(16, 8)
+    lcr = attach(backbone, k=4)
+    opt = torch.optim.SGD(
+        [*backbone.parameters(), *projector.parameters(), *lcr.parameters()], lr=0.1
+    )
+    (x0, x1), _ = two_view_batch()
+    loss = -nn.functional.cosine_similarity(
+        projector(backbone(x0)), projector(backbone(x1)).detach()
+    ).mean()
+    kl = lcr.kl_term(loss)
+    # matches the parts used one by one
+    assert lcr.capture.maps == []
+    (loss + 0.01 * kl).backward()
+    opt.step()
+    assert lcr.head.conv.weight.grad is not None
+
+
+def test_parts_compose_by_hand():
+    torch.manual_seed(0)
+    backbone = tiny_resnet()
+    with FeatureCapture(backbone.layer4) as capture:
+        loss = backbone(torch.randn(2, 3, 32, 32)).pow(2).mean()
+        (cam,) = gradcam(loss, capture.maps)
+        head_map = attach(backbone, k=4).head(capture.maps[0])
+    kl = GradCAMFitLoss()(head_map, cam)
+    assert kl.dim() == 0 and kl.item() >= 0
+
+
+def test_mocov2_backbone_is_the_query_encoder():
+    model = with_common_rationale(
+        MoCoV2(backbone=tiny_resnet(), batch_size=8, memory_bank_size=16, hidden_dim=16, out_dim=8),
+        k=4,
+    )
+    assert model.common_rationale.capture.layer is model.backbone.layer4
+    assert model.training_step(two_view_batch(), 0).dim() == 0

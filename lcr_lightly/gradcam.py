@@ -62,6 +62,8 @@ class FeatureCapture(LayerHook):
         reshape: Optional callable turning the raw output into a (B, C, H, W) map,
             e.g. :func:`tokens_to_map` for ViT tokens.
         training_only: Record only while ``layer.training`` is True.
+        require_grad: Record only outputs that require gradient (the online path of a
+            training step); False records every output, e.g. to tap features in eval.
 
     Example:
         >>> with FeatureCapture(backbone.layer4) as capture:
@@ -74,9 +76,11 @@ class FeatureCapture(LayerHook):
         layer: nn.Module,
         reshape: Optional[Reshape] = None,
         training_only: bool = True,
+        require_grad: bool = True,
     ) -> None:
         self.reshape = reshape
         self.training_only = training_only
+        self.require_grad = require_grad
         self.maps: List[Tensor] = []
         super().__init__(layer)
 
@@ -89,10 +93,10 @@ class FeatureCapture(LayerHook):
         """Records ``output`` if it is an online map of the current training step."""
         if self.training_only and not module.training:
             return
-        if not torch.is_grad_enabled():
-            return
         out = output[0] if isinstance(output, (tuple, list)) else output
-        if not isinstance(out, Tensor) or not out.requires_grad:
+        if not isinstance(out, Tensor):
+            return
+        if self.require_grad and not (torch.is_grad_enabled() and out.requires_grad):
             return
         if self.reshape is not None:
             out = self.reshape(out)

@@ -1,0 +1,29 @@
+"""Data: local-root loaders, the synthetic fine-grained set, the CUB-layout exporter."""
+
+from lcr_lightly.data.export import export_cub_layout
+from lcr_lightly.data.fgvc import (
+    CUB200,
+    DatasetNotFoundError,
+    cifar100,
+    fgvc_aircraft,
+    image_folder,
+    resolve_root,
+    stanford_cars,
+)
+from lcr_lightly.data.synthetic import SyntheticFineGrained, fine_grained_classes
+from lcr_lightly.data.transforms import eval_transform, ssl_transform
+
+__all__ = [
+    "CUB200",
+    "DatasetNotFoundError",
+    "SyntheticFineGrained",
+    "cifar100",
+    "eval_transform",
+    "export_cub_layout",
+    "fgvc_aircraft",
+    "fine_grained_classes",
+    "image_folder",
+    "resolve_root",
+    "ssl_transform",
+    "stanford_cars",
+]

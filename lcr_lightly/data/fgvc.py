@@ -1,0 +1,322 @@
+"""Loaders for the paper's data sets, from local roots only (nothing is downloaded).
+
+Each loader takes ``root`` or reads an environment variable, and a missing or
+malformed root raises :class:`DatasetNotFoundError` naming the file it expected where.
+
+========================  ======================  ==========================================
+data set                  environment variable    expected under root
+========================  ======================  ==========================================
+CUB-200-2011              ``LCR_CUB_ROOT``        ``images.txt``, ``images/``, ... (official)
+Stanford Cars             ``LCR_CARS_ROOT``       torchvision layout (``stanford_cars/``)
+FGVC-Aircraft             ``LCR_AIRCRAFT_ROOT``   torchvision layout (``fgvc-aircraft-2013b/``)
+CIFAR-100                 ``LCR_CIFAR100_ROOT``   ``cifar-100-python/{train,test,meta}``
+any ImageFolder           (argument)              ``<class>/<image>`` folders
+========================  ======================  ==========================================
+
+``LCR_DATA_ROOT`` is a common fallback: ``$LCR_DATA_ROOT/CUB_200_2011`` and so on.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets
+
+PathLike = Union[str, os.PathLike]
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A data set root is missing or does not have the expected files."""
+
+
+_DEFAULT_DIRS = {
+    "LCR_CUB_ROOT": "CUB_200_2011",
+    "LCR_CARS_ROOT": "",
+    "LCR_AIRCRAFT_ROOT": "",
+    "LCR_CIFAR100_ROOT": "",
+}
+
+
+def resolve_root(root: Optional[PathLike], env: str, name: str) -> Path:
+    """Finds a data set root from an argument, its variable, or ``LCR_DATA_ROOT``.
+
+    Args:
+        root: Explicit root, or None.
+        env: The data set's environment variable.
+        name: Human-readable data set name for the error message.
+
+    Returns:
+        The root path (existing).
+
+    Raises:
+        DatasetNotFoundError: If no root is given or it does not exist.
+    """
+    if root is None and os.environ.get(env):
+        root = os.environ[env]
+    if root is None and os.environ.get("LCR_DATA_ROOT"):
+        root = Path(os.environ["LCR_DATA_ROOT"]) / _DEFAULT_DIRS.get(env, "")
+    if root is None:
+        raise DatasetNotFoundError(
+            f"No root for {name}: pass root=... or set {env} (or LCR_DATA_ROOT). "
+            "lcr-lightly never downloads data sets."
+        )
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DatasetNotFoundError(
+            f"{name} root {path} does not exist. Put the extracted data set there or point "
+            f"{env} at it; nothing is downloaded."
+        )
+    return path
+
+
+def _require(path: Path, what: str, name: str) -> Path:
+    if not path.exists():
+        raise DatasetNotFoundError(
+            f"{name}: expected {what} at {path}, but it is missing. Extract the official "
+            "archive so that this file exists (nothing is downloaded)."
+        )
+    return path
+
+
+def _read_table(path: Path, name: str, columns: int) -> List[List[str]]:
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) < columns:
+            raise DatasetNotFoundError(
+                f"{name}: malformed line {n} in {path} (expected {columns} columns): {line!r}"
+            )
+        rows.append(parts)
+    return rows
+
+
+class CUB200(Dataset):
+    """CUB-200-2011 from the official files.
+
+    Reads ``images.txt``, ``image_class_labels.txt``, ``train_test_split.txt``,
+    ``classes.txt``, ``bounding_boxes.txt`` and ``parts/part_locs.txt`` under ``root``
+    (the extracted ``CUB_200_2011`` folder).
+
+    Args:
+        root: The ``CUB_200_2011`` folder; ``$LCR_CUB_ROOT`` when None.
+        split: ``"train"``, ``"test"`` or ``"all"``.
+        transform: Applied to the PIL image.
+        loader: Image loader (PIL RGB by default).
+
+    Attributes:
+        targets: 0-based labels of the split.
+        classes: Class names.
+    """
+
+    name = "CUB-200-2011"
+
+    def __init__(
+        self,
+        root: Optional[PathLike] = None,
+        split: str = "train",
+        transform: Optional[Callable[[Image.Image], Any]] = None,
+        loader: Optional[Callable[[str], Image.Image]] = None,
+    ) -> None:
+        if split not in ("train", "test", "all"):
+            raise ValueError(f"Unknown split {split!r}; expected 'train', 'test' or 'all'.")
+        self.root = resolve_root(root, "LCR_CUB_ROOT", self.name)
+        self.transform = transform
+        self.loader = loader or _pil_loader
+        r = self.root
+        images = _read_table(_require(r / "images.txt", "images.txt", self.name), self.name, 2)
+        labels = dict(
+            _read_table(
+                _require(r / "image_class_labels.txt", "image_class_labels.txt", self.name),
+                self.name,
+                2,
+            )
+        )
+        is_train = dict(
+            _read_table(
+                _require(r / "train_test_split.txt", "train_test_split.txt", self.name),
+                self.name,
+                2,
+            )
+        )
+        self.classes = self._classes(r)
+        self.boxes: Dict[str, Tuple[float, float, float, float]] = {}
+        if (r / "bounding_boxes.txt").exists():
+            for row in _read_table(r / "bounding_boxes.txt", self.name, 5):
+                self.boxes[row[0]] = (float(row[1]), float(row[2]), float(row[3]), float(row[4]))
+        self.part_locs: Dict[str, List[Tuple[int, float, float, bool]]] = {}
+        if (r / "parts" / "part_locs.txt").exists():
+            for row in _read_table(r / "parts" / "part_locs.txt", self.name, 5):
+                self.part_locs.setdefault(row[0], []).append(
+                    (int(row[1]), float(row[2]), float(row[3]), row[4] == "1")
+                )
+        self.samples: List[Tuple[str, str, int]] = []
+        for image_id, rel_path in images:
+            if image_id not in labels or image_id not in is_train:
+                raise DatasetNotFoundError(
+                    f"{self.name}: image id {image_id} of images.txt has no label or split in {r}."
+                )
+            train = is_train[image_id] == "1"
+            if split == "all" or (split == "train") == train:
+                self.samples.append((image_id, rel_path, int(labels[image_id]) - 1))
+        if not self.samples:
+            raise DatasetNotFoundError(f"{self.name}: no {split} images listed under {r}.")
+        first = r / "images" / self.samples[0][1]
+        _require(first, "the image files listed in images.txt", self.name)
+        self.targets = [s[2] for s in self.samples]
+
+    def _classes(self, r: Path) -> List[str]:
+        path = r / "classes.txt"
+        if not path.exists():
+            return []
+        return [row[1] for row in _read_table(path, self.name, 2)]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        _, rel_path, label = self.samples[index]
+        image = self.loader(str(self.root / "images" / rel_path))
+        return (self.transform(image) if self.transform else image), label
+
+    def bbox(self, index: int) -> Optional[Tuple[float, float, float, float]]:
+        """Bounding box ``(x, y, w, h)`` of sample ``index`` in pixels, if known."""
+        return self.boxes.get(self.samples[index][0])
+
+    def parts(self, index: int, visible_only: bool = True) -> List[Tuple[int, float, float]]:
+        """Part keypoints ``(part_id, x, y)`` of sample ``index`` in pixels."""
+        locs = self.part_locs.get(self.samples[index][0], [])
+        return [(p, x, y) for p, x, y, v in locs if v or not visible_only]
+
+
+def _pil_loader(path: str) -> Image.Image:
+    with open(path, "rb") as f:
+        return Image.open(f).convert("RGB")
+
+
+def _torchvision(factory: Callable[[], Dataset], name: str, root: Path, layout: str) -> Dataset:
+    try:
+        return factory()
+    except (RuntimeError, FileNotFoundError, OSError) as err:
+        raise DatasetNotFoundError(
+            f"{name} not found or incomplete under {root}: expected {layout}. "
+            f"(torchvision said: {err}) Nothing is downloaded."
+        ) from err
+
+
+def stanford_cars(
+    root: Optional[PathLike] = None, split: str = "train", transform: Optional[Callable] = None
+) -> Dataset:
+    """Stanford Cars through torchvision (``download=False``).
+
+    Args:
+        root: Folder that contains ``stanford_cars/`` (torchvision layout);
+            ``$LCR_CARS_ROOT`` when None.
+        split: ``"train"`` or ``"test"``.
+        transform: Applied to the PIL image.
+
+    Returns:
+        The torchvision data set.
+    """
+    path = resolve_root(root, "LCR_CARS_ROOT", "Stanford Cars")
+    return _torchvision(
+        lambda: datasets.StanfordCars(str(path), split=split, transform=transform, download=False),
+        "Stanford Cars",
+        path,
+        "stanford_cars/devkit/{cars_meta.mat, cars_train_annos.mat}, stanford_cars/"
+        "cars_test_annos_withlabels.mat, stanford_cars/cars_{train,test}/*.jpg",
+    )
+
+
+def fgvc_aircraft(
+    root: Optional[PathLike] = None, split: str = "trainval", transform: Optional[Callable] = None
+) -> Dataset:
+    """FGVC-Aircraft (variant level, 100 classes) through torchvision (``download=False``).
+
+    Args:
+        root: Folder that contains ``fgvc-aircraft-2013b/``; ``$LCR_AIRCRAFT_ROOT``.
+        split: ``"train"``, ``"val"``, ``"trainval"`` or ``"test"``.
+        transform: Applied to the PIL image.
+
+    Returns:
+        The torchvision data set.
+    """
+    path = resolve_root(root, "LCR_AIRCRAFT_ROOT", "FGVC-Aircraft")
+    return _torchvision(
+        lambda: datasets.FGVCAircraft(
+            str(path), split=split, annotation_level="variant", transform=transform, download=False
+        ),
+        "FGVC-Aircraft",
+        path,
+        "fgvc-aircraft-2013b/data/{variants.txt, images_variant_<split>.txt, images/*.jpg}",
+    )
+
+
+class _LocalCIFAR100(datasets.CIFAR100):
+    """CIFAR-100 parsed by torchvision; files must exist, checksums are not required.
+
+    torchvision compares the files with its download's checksums; a local copy may be
+    re-packed, and only its format matters here.
+    """
+
+    def _check_integrity(self) -> bool:
+        base = Path(self.root) / self.base_folder
+        files = [f for f, _ in self.train_list + self.test_list] + [self.meta["filename"]]
+        return all((base / f).exists() for f in files)
+
+    def _load_meta(self) -> None:
+        path = Path(self.root) / self.base_folder / self.meta["filename"]
+        with open(path, "rb") as f:
+            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+
+def cifar100(
+    root: Optional[PathLike] = None, split: str = "train", transform: Optional[Callable] = None
+) -> Dataset:
+    """CIFAR-100 (python version) through torchvision's parser.
+
+    Args:
+        root: Folder that contains ``cifar-100-python/``; ``$LCR_CIFAR100_ROOT``.
+        split: ``"train"`` or ``"test"``.
+        transform: Applied to the PIL image.
+
+    Returns:
+        The data set.
+    """
+    path = resolve_root(root, "LCR_CIFAR100_ROOT", "CIFAR-100")
+    return _torchvision(
+        lambda: _LocalCIFAR100(
+            str(path), train=split == "train", transform=transform, download=False
+        ),
+        "CIFAR-100",
+        path,
+        "cifar-100-python/{train, test, meta}",
+    )
+
+
+def image_folder(root: PathLike, transform: Optional[Callable] = None) -> Dataset:
+    """Any ``root/<class>/<image>`` folder through torchvision's ImageFolder.
+
+    Args:
+        root: The folder.
+        transform: Applied to the PIL image.
+
+    Returns:
+        The data set.
+    """
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DatasetNotFoundError(f"ImageFolder root {path} does not exist.")
+    return _torchvision(
+        lambda: datasets.ImageFolder(str(path), transform=transform),
+        "ImageFolder",
+        path,
+        "one sub-folder of images per class",
+    )

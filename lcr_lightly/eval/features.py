@@ -1,0 +1,102 @@
+"""Feature extraction over a data loader, in both pooling modes at once."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from lcr_lightly.gradcam import FeatureCapture
+from lcr_lightly.wrap import POOLING_MODES, CommonRationale
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    loader: DataLoader,
+    poolings: Sequence[str] = ("gap", "rationale"),
+    device: Union[str, torch.device, None] = None,
+    return_maps: bool = False,
+    progress: bool = True,
+    desc: str = "features",
+) -> Dict[str, Tensor]:
+    """Runs a model in eval mode over a loader and collects its representations.
+
+    For a model wrapped with :func:`~lcr_lightly.with_common_rationale`, the feature map
+    is tapped once per batch and both poolings are computed from it: ``"gap"`` is the
+    model's own output with global average pooling, ``"rationale"`` the rationale
+    pooling of the same map (a second forward is made only when the model's output is
+    not the pooled map). Unwrapped models give ``"gap"`` only.
+
+    Args:
+        model: The model; ``model(x)`` returns (B, D) features.
+        loader: Yields ``(images, labels, ...)``.
+        poolings: Which of ``"gap"`` and ``"rationale"`` to return.
+        device: Where to run; the model's device when None.
+        return_maps: Also return the rationale maps (B, h, w) under ``"rationale_map"``
+            and the per-position feature norm (B, h, w) under ``"norm_map"``.
+        progress: Show a tqdm progress bar.
+        desc: Progress bar label.
+
+    Returns:
+        ``{"labels": (N,), "gap": (N, D), "rationale": (N, D), ...}`` on the CPU.
+    """
+    for mode in poolings:
+        if mode not in POOLING_MODES:
+            raise ValueError(f"Unknown pooling {mode!r}; expected one of {POOLING_MODES}.")
+    lcr: Optional[CommonRationale] = getattr(model, "common_rationale", None)
+    if lcr is None and ("rationale" in poolings or return_maps):
+        raise ValueError(
+            f"{type(model).__name__} is not wrapped with with_common_rationale: only "
+            "poolings=('gap',) is available."
+        )
+    if device is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    previous = lcr.pooling if lcr is not None else None
+    tap = None
+    if lcr is not None:
+        lcr.pooling = "gap"
+        tap = FeatureCapture(
+            lcr.capture.layer,
+            reshape=lcr.capture.reshape,
+            training_only=False,
+            require_grad=False,
+        )
+    out: Dict[str, list] = {k: [] for k in ["labels", *poolings]}
+    if return_maps:
+        out["rationale_map"], out["norm_map"] = [], []
+    try:
+        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            images, labels = batch[0].to(device), batch[1]
+            gap = model(images).flatten(1)
+            out["labels"].append(torch.as_tensor(labels).cpu())
+            if "gap" in poolings:
+                out["gap"].append(gap.float().cpu())
+            if tap is not None and lcr is not None:
+                fmap = tap.maps[-1]
+                tap.clear()
+                if "rationale" in poolings:
+                    if gap.shape[1] == fmap.shape[1]:
+                        rat = lcr.head.pool(fmap)
+                    else:
+                        lcr.pooling = "rationale"
+                        rat = model(images).flatten(1)
+                        lcr.pooling = "gap"
+                        tap.clear()
+                    out["rationale"].append(rat.float().cpu())
+                if return_maps:
+                    out["rationale_map"].append(lcr.head.attention(fmap).float().cpu())
+                    out["norm_map"].append(fmap.float().norm(dim=1).cpu())
+    finally:
+        if tap is not None:
+            tap.release()
+        if lcr is not None and previous is not None:
+            lcr.pooling = previous
+        model.train(was_training)
+    return {k: torch.cat(v) for k, v in out.items()}

@@ -1,0 +1,280 @@
+"""Linear probes on frozen features.
+
+Two protocols, both selecting hyper-parameters or epochs on a validation split carved
+from the training split (never on the test split):
+
+* :func:`linear_probe` (fast default): multinomial logistic regression on cached
+  features, full-batch L-BFGS, weight decay chosen on the validation split, then refit
+  on the whole training split and scored once on the test split.
+* :func:`linear_probe_paper` (the paper's protocol): a linear layer on a frozen
+  backbone, random-resized-crop + flip, SGD lr 30, momentum 0.9, no weight decay, 100
+  epochs with x0.1 decay at 60 and 80, batch 256; the epoch is chosen on validation.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from lcr_lightly.eval.retrieval import ArrayLike, _as_numpy
+
+
+def stratified_split(
+    labels: ArrayLike, val_fraction: float = 0.1, seed: int = 0
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Splits indices into train and validation, per class.
+
+    Every class with at least two items gives at least one to each side.
+
+    Args:
+        labels: (N,) labels.
+        val_fraction: Fraction of each class for validation.
+        seed: Random seed.
+
+    Returns:
+        ``(train_indices, val_indices)``.
+    """
+    y = _as_numpy(labels, np.int64).reshape(-1)
+    rng = np.random.default_rng(seed)
+    train: List[int] = []
+    val: List[int] = []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_val = int(round(len(idx) * val_fraction))
+        if len(idx) >= 2:
+            n_val = min(max(n_val, 1), len(idx) - 1)
+        else:
+            n_val = 0
+        val.extend(idx[:n_val])
+        train.extend(idx[n_val:])
+    return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(val, dtype=np.int64))
+
+
+def _fit_logreg(x: Tensor, y: Tensor, classes: int, weight_decay: float, steps: int) -> nn.Linear:
+    torch.manual_seed(0)
+    layer = nn.Linear(x.shape[1], classes)
+    opt = torch.optim.LBFGS(layer.parameters(), lr=1, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(layer(x), y)
+        loss = loss + 0.5 * weight_decay * layer.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return layer
+
+
+def _accuracy(layer: nn.Linear, x: Tensor, y: Tensor) -> float:
+    with torch.no_grad():
+        return float((layer(x).argmax(1) == y).float().mean())
+
+
+def linear_probe(
+    train_features: ArrayLike,
+    train_labels: ArrayLike,
+    test_features: ArrayLike,
+    test_labels: ArrayLike,
+    weight_decays: Sequence[float] = (0.0, 1e-4, 1e-3, 1e-2),
+    val_fraction: float = 0.1,
+    steps: int = 200,
+    seed: int = 0,
+) -> Dict[str, float]:
+    """Logistic-regression probe on cached features (fast default).
+
+    Args:
+        train_features: (N, D) training features.
+        train_labels: (N,) training labels.
+        test_features: (M, D) test features.
+        test_labels: (M,) test labels.
+        weight_decays: Candidates, chosen on the validation split.
+        val_fraction: Fraction of each training class held out for validation.
+        steps: L-BFGS iterations.
+        seed: Seed of the validation split.
+
+    Returns:
+        ``{"top1": test accuracy, "val_top1": best validation accuracy,
+        "weight_decay": chosen value}``.
+    """
+    xtr = torch.from_numpy(_as_numpy(train_features, np.float32))
+    ytr = torch.from_numpy(_as_numpy(train_labels, np.int64).reshape(-1))
+    xte = torch.from_numpy(_as_numpy(test_features, np.float32))
+    yte = torch.from_numpy(_as_numpy(test_labels, np.int64).reshape(-1))
+    mean, std = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
+    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    classes = int(max(ytr.max(), yte.max())) + 1
+    tr_idx, val_idx = stratified_split(ytr, val_fraction, seed)
+    best_wd, best_val = weight_decays[0], -1.0
+    for wd in weight_decays:
+        layer = _fit_logreg(xtr[tr_idx], ytr[tr_idx], classes, wd, steps)
+        acc = _accuracy(layer, xtr[val_idx], ytr[val_idx]) if len(val_idx) else 0.0
+        if acc > best_val:
+            best_wd, best_val = wd, acc
+    layer = _fit_logreg(xtr, ytr, classes, best_wd, steps)
+    return {"top1": _accuracy(layer, xte, yte), "val_top1": best_val, "weight_decay": best_wd}
+
+
+class _TransformedSubset(Dataset):
+    def __init__(self, dataset: Dataset, indices: Sequence[int], transform: Any) -> None:
+        self.subset = Subset(dataset, list(indices))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.subset)
+
+    def __getitem__(self, i: int) -> Tuple[Any, int]:
+        image, label = self.subset[i][:2]
+        return self.transform(image), int(label)
+
+
+class LinearProbeModule(pl.LightningModule):
+    """A linear classifier on a frozen feature extractor.
+
+    The extractor runs in eval mode under ``no_grad`` (so a wrapped model's rationale
+    pooling applies when selected). The best validation epoch's weights are kept.
+
+    Args:
+        model: Feature extractor; ``model(x)`` returns (B, D).
+        feature_dim: D.
+        num_classes: Number of classes.
+        lr: SGD learning rate (the paper: 30).
+        milestones: Epochs at which the learning rate is multiplied by 0.1.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        feature_dim: int,
+        num_classes: int,
+        lr: float = 30.0,
+        milestones: Sequence[int] = (60, 80),
+    ) -> None:
+        super().__init__()
+        self.model = model
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.classifier = nn.Linear(feature_dim, num_classes)
+        self.lr = lr
+        self.milestones = list(milestones)
+        self.best_val = -1.0
+        self.best_state: Optional[Dict[str, Tensor]] = None
+        self._val_correct = 0
+        self._val_total = 0
+
+    def features(self, x: Tensor) -> Tensor:
+        """Frozen features (B, D)."""
+        self.model.eval()
+        with torch.no_grad():
+            return self.model(x).flatten(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Class logits (B, num_classes)."""
+        return self.classifier(self.features(x))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Cross-entropy on a training batch."""
+        x, y = batch[0], batch[1]
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("probe_train_loss", loss, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Accumulates validation accuracy."""
+        x, y = batch[0], batch[1]
+        self._val_correct += int((self(x).argmax(1) == y).sum())
+        self._val_total += len(y)
+
+    def on_validation_epoch_end(self) -> None:
+        """Keeps the classifier of the best validation epoch."""
+        acc = self._val_correct / max(self._val_total, 1)
+        self._val_correct = self._val_total = 0
+        self.log("probe_val_top1", acc, prog_bar=True)
+        if self.trainer.sanity_checking:
+            return
+        if acc > self.best_val:
+            self.best_val = acc
+            self.best_state = copy.deepcopy(self.classifier.state_dict())
+
+    def configure_optimizers(self) -> Any:
+        """SGD (momentum 0.9, no weight decay) with step decay."""
+        opt = torch.optim.SGD(self.classifier.parameters(), lr=self.lr, momentum=0.9)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, self.milestones, gamma=0.1)
+        return [opt], [sched]
+
+
+def linear_probe_paper(
+    model: nn.Module,
+    train_dataset: Dataset,
+    test_dataset: Dataset,
+    num_classes: int,
+    feature_dim: int,
+    image_size: int = 224,
+    epochs: int = 100,
+    batch_size: int = 256,
+    lr: float = 30.0,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    num_workers: int = 0,
+    trainer_kwargs: Optional[Dict[str, Any]] = None,
+) -> Dict[str, float]:
+    """The paper's linear evaluation on a frozen backbone.
+
+    Args:
+        model: Feature extractor (``model(x)`` returns (B, feature_dim)); frozen.
+        train_dataset: Training split yielding ``(PIL image, label)``.
+        test_dataset: Test split yielding ``(PIL image, label)``.
+        num_classes: Number of classes.
+        feature_dim: Feature dimension.
+        image_size: Crop size.
+        epochs: Training epochs (100); decays at 60 % and 80 % of them.
+        batch_size: Batch size (256).
+        lr: Learning rate (30).
+        val_fraction: Fraction of each training class held out to choose the epoch.
+        seed: Seed of the split.
+        num_workers: Data loader workers.
+        trainer_kwargs: Extra ``pl.Trainer`` arguments.
+
+    Returns:
+        ``{"top1": test accuracy of the best validation epoch, "val_top1": ...}``.
+    """
+    from torchvision import transforms as T
+
+    from lcr_lightly.data.transforms import eval_transform
+
+    labels = [int(train_dataset[i][1]) for i in range(len(train_dataset))]  # type: ignore[arg-type]
+    tr_idx, val_idx = stratified_split(np.array(labels), val_fraction, seed)
+    normalize = eval_transform(image_size).transforms[-1]
+    train_tf = T.Compose(
+        [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), normalize]
+    )
+    test_tf = eval_transform(image_size)
+    loaders = [
+        DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers)
+        for ds, shuffle in (
+            (_TransformedSubset(train_dataset, tr_idx.tolist(), train_tf), True),
+            (_TransformedSubset(train_dataset, val_idx.tolist(), test_tf), False),
+            (_TransformedSubset(test_dataset, range(len(test_dataset)), test_tf), False),  # type: ignore[arg-type]
+        )
+    ]
+    probe = LinearProbeModule(
+        model, feature_dim, num_classes, lr=lr, milestones=(int(epochs * 0.6), int(epochs * 0.8))
+    )
+    kwargs: Dict[str, Any] = dict(max_epochs=epochs, logger=False, enable_checkpointing=False)
+    kwargs.update(trainer_kwargs or {})
+    pl.Trainer(**kwargs).fit(probe, loaders[0], loaders[1])
+    if probe.best_state is not None:
+        probe.classifier.load_state_dict(probe.best_state)
+    correct = total = 0
+    probe.eval()
+    with torch.no_grad():
+        for x, y in loaders[2]:
+            correct += int((probe(x.to(probe.device)).argmax(1).cpu() == y).sum())
+            total += len(y)
+    return {"top1": correct / max(total, 1), "val_top1": probe.best_val}

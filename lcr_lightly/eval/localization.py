@@ -1,0 +1,132 @@
+"""Localisation metrics of attention maps against masks and part keypoints.
+
+Maps (B, h, w) are bilinearly resized to the masks' (B, H, W). Each metric comes with
+its chance level so that a number is read against what a random map would get.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _as_tensor(x: Union[Tensor, np.ndarray]) -> Tensor:
+    return x.detach().float().cpu() if isinstance(x, Tensor) else torch.as_tensor(x).float()
+
+
+def _resize(maps: Tensor, size: Tuple[int, int]) -> Tensor:
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def _prepare(maps: Union[Tensor, np.ndarray], masks: Union[Tensor, np.ndarray]) -> tuple:
+    m = _as_tensor(maps)
+    k = _as_tensor(masks) > 0.5
+    if m.dim() != 3 or k.dim() != 3 or m.shape[0] != k.shape[0]:
+        raise ValueError(
+            f"maps must be (B, h, w) and masks (B, H, W), got {tuple(m.shape)} and "
+            f"{tuple(k.shape)}."
+        )
+    return _resize(m, (k.shape[1], k.shape[2])), k
+
+
+def pointing_game(maps: Union[Tensor, np.ndarray], masks: Union[Tensor, np.ndarray]) -> float:
+    """Fraction of images whose map maximum falls inside the mask.
+
+    Images with an empty mask are left out.
+
+    Args:
+        maps: Attention maps (B, h, w).
+        masks: Binary masks (B, H, W).
+
+    Returns:
+        Hit rate in [0, 1].
+    """
+    m, k = _prepare(maps, masks)
+    valid = k.flatten(1).any(1)
+    if not valid.any():
+        raise ValueError("All masks are empty.")
+    arg = m.flatten(1).argmax(1)
+    hits = k.flatten(1).gather(1, arg[:, None])[:, 0]
+    return float(hits[valid].float().mean())
+
+
+def energy_inside(maps: Union[Tensor, np.ndarray], masks: Union[Tensor, np.ndarray]) -> float:
+    """Mean fraction of (non-negative) attention energy inside the mask.
+
+    Args:
+        maps: Attention maps (B, h, w); negative values are clipped to 0.
+        masks: Binary masks (B, H, W).
+
+    Returns:
+        Mean fraction in [0, 1] over images with a non-empty mask and non-zero map.
+    """
+    m, k = _prepare(maps, masks)
+    m = m.clamp_min(0).flatten(1)
+    total = m.sum(1)
+    inside = (m * k.flatten(1)).sum(1)
+    valid = (total > 0) & k.flatten(1).any(1)
+    if not valid.any():
+        raise ValueError("No image has both a non-empty mask and a non-zero map.")
+    return float((inside[valid] / total[valid]).mean())
+
+
+def mask_area(masks: Union[Tensor, np.ndarray]) -> float:
+    """Mean mask area fraction: the chance level of both metrics above.
+
+    Args:
+        masks: Binary masks (B, H, W).
+
+    Returns:
+        Mean area fraction in [0, 1].
+    """
+    k = _as_tensor(masks) > 0.5
+    return float(k.flatten(1).float().mean(1).mean())
+
+
+def keypoint_masks(
+    keypoints: Sequence[Sequence[Tuple[float, float]]],
+    size: Tuple[int, int],
+    radius: float,
+) -> Tensor:
+    """Disks around part keypoints (e.g. CUB's ``parts/part_locs.txt``).
+
+    Args:
+        keypoints: For each image, a list of visible ``(x, y)`` pixel positions.
+        size: ``(H, W)`` of the masks.
+        radius: Disk radius in pixels.
+
+    Returns:
+        Masks (B, H, W) as float tensors.
+    """
+    h, w = size
+    yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    masks = torch.zeros(len(keypoints), h, w)
+    for b, points in enumerate(keypoints):
+        for x, y in points:
+            masks[b] += ((xx - x) ** 2 + (yy - y) ** 2 <= radius**2).float()
+    return (masks > 0).float()
+
+
+def localization_report(
+    maps: Union[Tensor, np.ndarray], masks: Union[Tensor, np.ndarray]
+) -> Dict[str, float]:
+    """Pointing game, energy inside, and their chance level, in one dict.
+
+    Args:
+        maps: Attention maps (B, h, w).
+        masks: Binary masks (B, H, W).
+
+    Returns:
+        ``{"pointing": ..., "energy": ..., "chance": ...}``.
+    """
+    return {
+        "pointing": pointing_game(maps, masks),
+        "energy": energy_inside(maps, masks),
+        "chance": mask_area(masks),
+    }

@@ -1,0 +1,41 @@
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lcr_lightly import set_pooling, with_common_rationale
+from lcr_lightly.eval import extract_features
+from tests.conftest import ToySiamese
+
+
+def test_both_poolings_in_one_pass_match_model_outputs():
+    torch.manual_seed(0)
+    model = with_common_rationale(ToySiamese(), k=4)
+    x = torch.randn(10, 3, 32, 32)
+    loader = DataLoader(TensorDataset(x, torch.arange(10)), batch_size=4)
+    out = extract_features(model, loader, return_maps=True, progress=False)
+    model.eval()
+    with torch.no_grad():
+        set_pooling(model, "gap")
+        gap = model(x)
+        set_pooling(model, "rationale")
+        rat = model(x)
+    torch.testing.assert_close(out["gap"], gap)
+    torch.testing.assert_close(out["rationale"], rat)
+    assert out["labels"].tolist() == list(range(10))
+    assert out["rationale_map"].shape == (10, 4, 4) and out["norm_map"].shape == (10, 4, 4)
+    assert (
+        model.common_rationale.pooling == "rationale" and model.common_rationale.capture.maps == []
+    )
+
+
+def test_unwrapped_model_gives_gap_only():
+    model = ToySiamese()
+    loader = DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.zeros(4)), batch_size=2)
+    assert extract_features(model, loader, poolings=("gap",), progress=False)["gap"].shape == (
+        4,
+        16,
+    )
+    with pytest.raises(ValueError, match="not wrapped"):
+        extract_features(model, loader, progress=False)
+    with pytest.raises(ValueError, match="Unknown pooling"):
+        extract_features(model, loader, poolings=("max",), progress=False)

@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+import torch
+from lightly.utils.benchmarking import knn_predict as lightly_knn_predict
+
+from lcr_lightly.eval import knn_accuracy, knn_predict, linear_probe, stratified_split
+
+
+def test_knn_votes_match_lightly_reference():
+    rng = np.random.default_rng(0)
+    train = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(50, 8))).float(), dim=1)
+    labels = torch.from_numpy(rng.integers(0, 4, 50))
+    queries = torch.nn.functional.normalize(
+        torch.from_numpy(rng.normal(size=(10, 8))).float(), dim=1
+    )
+    ours = knn_predict(train, labels, queries, k=7, temperature=0.1, num_classes=4)
+    ref_order = lightly_knn_predict(queries, train.T, labels, num_classes=4, knn_k=7, knn_t=0.1)
+    assert torch.equal(ours.argsort(dim=1, descending=True)[:, 0], ref_order[:, 0])
+    # explicit votes for the first query
+    sims = queries[0] @ train.T
+    top = sims.topk(7).indices
+    votes = torch.zeros(4)
+    for j in top:
+        votes[labels[j]] += torch.exp(sims[j] / 0.1)
+    torch.testing.assert_close(ours[0], votes, rtol=1e-4, atol=1e-4)
+
+
+def test_knn_accuracy_hand_case():
+    train = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    test = np.array([[1.0, 0.05], [0.05, 1.0], [1.0, 0.0]])
+    assert knn_accuracy(train, [0, 0, 1, 1], test, [0, 1, 1], k=1) == pytest.approx(2 / 3)
+
+
+def test_stratified_split_is_disjoint_and_covers_classes():
+    labels = np.repeat(np.arange(4), [10, 3, 2, 1])
+    tr, val = stratified_split(labels, 0.2, seed=0)
+    assert set(tr).isdisjoint(val) and len(tr) + len(val) == len(labels)
+    assert set(labels[val]) == {0, 1, 2} and 3 in set(labels[tr])
+
+
+def test_linear_probe_separable_and_chooses_on_validation():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 5)) * 3
+    ytr, yte = np.repeat(np.arange(3), 30), np.repeat(np.arange(3), 10)
+    xtr = centers[ytr] + rng.normal(size=(90, 5))
+    xte = centers[yte] + rng.normal(size=(30, 5))
+    out = linear_probe(xtr, ytr, xte, yte, weight_decays=(0.0, 1e-2))
+    assert out["top1"] >= 0.9 and out["val_top1"] >= 0.8 and out["weight_decay"] in (0.0, 1e-2)
+    # labels independent of the features: near chance
+    shuffled = linear_probe(xtr, rng.permutation(ytr), xte, yte)
+    assert shuffled["top1"] < 0.7

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -65,6 +65,9 @@ def count_hooks(root: nn.Module) -> int:
     return sum(isinstance(h, _WeakHook) for m in root.modules() for h in m._forward_hooks.values())
 
 
+_Self = TypeVar("_Self", bound="LayerHook")
+
+
 class LayerHook:
     """Base class: a removable forward hook on one module, owned by this object.
 
@@ -101,7 +104,7 @@ class LayerHook:
         """Whether the hook is registered."""
         return self._handle is not None
 
-    def __enter__(self) -> LayerHook:
+    def __enter__(self: _Self) -> _Self:
         self.attach()
         return self
 
@@ -123,7 +126,7 @@ class LayerHook:
         if was_attached:
             self.attach()
 
-    def __deepcopy__(self, memo: dict) -> LayerHook:
+    def __deepcopy__(self: _Self, memo: dict) -> _Self:
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         state = copy.deepcopy(self.__getstate__(), memo)

@@ -9,21 +9,26 @@ from lightly.transforms.utils import IMAGENET_NORMALIZE
 from torchvision import transforms as T
 
 
-def eval_transform(image_size: int = 224) -> T.Compose:
+def eval_transform(image_size: int = 224, crop: bool = True) -> T.Compose:
     """Resize (to 8/7 of the crop, 256 for 224) + centre crop + tensor + normalise.
 
     Args:
         image_size: Crop size.
+        crop: False keeps the whole image (resized to ``image_size``), so that masks of
+            the same size stay aligned (synthetic data).
 
     Returns:
         The transform.
     """
+    normalize = T.Normalize(mean=IMAGENET_NORMALIZE["mean"], std=IMAGENET_NORMALIZE["std"])
+    if not crop:
+        return T.Compose([T.Resize((image_size, image_size)), T.ToTensor(), normalize])
     return T.Compose(
         [
             T.Resize(int(round(image_size * 8 / 7))),
             T.CenterCrop(image_size),
             T.ToTensor(),
-            T.Normalize(mean=IMAGENET_NORMALIZE["mean"], std=IMAGENET_NORMALIZE["std"]),
+            normalize,
         ]
     )
 

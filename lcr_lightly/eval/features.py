@@ -10,7 +10,24 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lcr_lightly.gradcam import FeatureCapture
+from lcr_lightly.heads import minmax_normalize, weighted_average_pool
+from lcr_lightly.layers import find_feature_layer
 from lcr_lightly.wrap import POOLING_MODES, CommonRationale
+
+EXTRA_POOLINGS = ("norm",)
+
+
+def norm_pool(features: Tensor) -> Tensor:
+    """Parameter-free attention pooling: weights are the per-position feature norms.
+
+    Args:
+        features: Feature map (B, C, H, W).
+
+    Returns:
+        (B, C): average pooling weighted by the per-image min-max normalised L2 norm of
+        the feature vector at each position (the baseline beside the learned rationale).
+    """
+    return weighted_average_pool(features, minmax_normalize(features.norm(dim=1)))
 
 
 @torch.no_grad()
@@ -29,12 +46,13 @@ def extract_features(
     is tapped once per batch and both poolings are computed from it: ``"gap"`` is the
     model's own output with global average pooling, ``"rationale"`` the rationale
     pooling of the same map (a second forward is made only when the model's output is
-    not the pooled map). Unwrapped models give ``"gap"`` only.
+    not the pooled map). ``"norm"`` (any model) pools with per-position feature norms,
+    a parameter-free attention baseline. Unwrapped models have no ``"rationale"``.
 
     Args:
         model: The model; ``model(x)`` returns (B, D) features.
         loader: Yields ``(images, labels, ...)``.
-        poolings: Which of ``"gap"`` and ``"rationale"`` to return.
+        poolings: Which of ``"gap"``, ``"rationale"`` and ``"norm"`` to return.
         device: Where to run; the model's device when None.
         return_maps: Also return the rationale maps (B, h, w) under ``"rationale_map"``
             and the per-position feature norm (B, h, w) under ``"norm_map"``.
@@ -44,9 +62,10 @@ def extract_features(
     Returns:
         ``{"labels": (N,), "gap": (N, D), "rationale": (N, D), ...}`` on the CPU.
     """
+    valid = POOLING_MODES + EXTRA_POOLINGS
     for mode in poolings:
-        if mode not in POOLING_MODES:
-            raise ValueError(f"Unknown pooling {mode!r}; expected one of {POOLING_MODES}.")
+        if mode not in valid:
+            raise ValueError(f"Unknown pooling {mode!r}; expected one of {valid}.")
     lcr: Optional[CommonRationale] = getattr(model, "common_rationale", None)
     if lcr is None and ("rationale" in poolings or return_maps):
         raise ValueError(
@@ -68,6 +87,11 @@ def extract_features(
             training_only=False,
             require_grad=False,
         )
+    elif "norm" in poolings:
+        backbone = getattr(model, "backbone", model)
+        tap = FeatureCapture(
+            find_feature_layer(backbone)[1], training_only=False, require_grad=False
+        )
     out: Dict[str, list] = {k: [] for k in ["labels", *poolings]}
     if return_maps:
         out["rationale_map"], out["norm_map"] = [], []
@@ -78,9 +102,12 @@ def extract_features(
             out["labels"].append(torch.as_tensor(labels).cpu())
             if "gap" in poolings:
                 out["gap"].append(gap.float().cpu())
-            if tap is not None and lcr is not None:
-                fmap = tap.maps[-1]
+            fmap = tap.maps[-1] if tap is not None else None
+            if tap is not None:
                 tap.clear()
+            if fmap is not None and "norm" in poolings:
+                out["norm"].append(norm_pool(fmap).float().cpu())
+            if fmap is not None and lcr is not None:
                 if "rationale" in poolings:
                     if gap.shape[1] == fmap.shape[1]:
                         rat = lcr.head.pool(fmap)
@@ -88,7 +115,8 @@ def extract_features(
                         lcr.pooling = "rationale"
                         rat = model(images).flatten(1)
                         lcr.pooling = "gap"
-                        tap.clear()
+                        if tap is not None:
+                            tap.clear()
                     out["rationale"].append(rat.float().cpu())
                 if return_maps:
                     out["rationale_map"].append(lcr.head.attention(fmap).float().cpu())

@@ -1,0 +1,103 @@
+import json
+
+import pytest
+import torch
+
+from lcr_lightly.pipeline import (
+    ExperimentConfig,
+    evaluate,
+    format_table,
+    make_data,
+    make_model,
+    mean_std,
+    pretrain_generic_init,
+    run,
+)
+
+TINY = dict(
+    widths=[8, 8, 16, 16],
+    image_size=32,
+    num_classes=3,
+    images_per_class=4,
+    test_images_per_class=3,
+    batch_size=4,
+    epochs=1,
+    memory_bank_size=8,
+    progress=False,
+)
+
+
+def test_run_writes_results_for_lcr_and_baseline(tmp_path):
+    for lcr in (True, False):
+        cfg = ExperimentConfig(lcr=lcr, out_dir=str(tmp_path / str(lcr)), **TINY)
+        out = run(cfg)
+        saved = json.loads((tmp_path / str(lcr) / "results.json").read_text())
+        assert saved["results"] == json.loads(json.dumps(out["results"]))
+        assert set(out["results"]) == (
+            {"gap", "rationale", "norm", "localization"} if lcr else {"gap", "norm", "localization"}
+        )
+        for metrics in (out["results"]["gap"],):
+            assert all(0.0 <= metrics[k] <= 1.0 for k in ("rank1", "rank5", "mAP", "knn", "linear"))
+        loc = out["results"]["localization"]
+        assert 0 < loc["chance_part"] < loc["chance_object"] < 1
+        assert (tmp_path / str(lcr) / "logs").exists()
+
+
+def test_same_seed_gives_same_backbone_with_and_without_lcr():
+    a = make_model(ExperimentConfig(lcr=False, **TINY))
+    b = make_model(ExperimentConfig(lcr=True, **TINY))
+    for pa, pb in zip(a.backbone.parameters(), b.backbone.parameters()):
+        assert torch.equal(pa, pb)
+    for pa, pb in zip(a.projection_head.parameters(), b.projection_head.parameters()):
+        assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("method", ["byol", "simsiam", "simclr"])
+def test_other_methods_build_and_step(method):
+    cfg = ExperimentConfig(method=method, **TINY)
+    model = make_model(cfg)
+    data = make_data(cfg)
+    views, label = data.ssl_train[0]
+    batch = (
+        [torch.stack([views[0]] * 4), torch.stack([views[1]] * 4)],
+        torch.zeros(4, dtype=torch.long),
+    )
+    assert torch.isfinite(model.training_step(batch, 0))
+
+
+def test_init_weights_load_and_bad_config(tmp_path):
+    path = tmp_path / "init.pth"
+    result = pretrain_generic_init(
+        str(path),
+        widths=(8, 8, 16, 16),
+        image_size=32,
+        images_per_class=4,
+        epochs=1,
+        progress=False,
+    )
+    assert 0 <= result["test_acc"] <= 1 and path.exists()
+    cfg = ExperimentConfig(weights=str(path), lcr=False, **TINY)
+    model = make_model(cfg)
+    state = torch.load(path)
+    assert torch.equal(model.backbone.conv1.weight, state["conv1.weight"])
+    with pytest.raises(ValueError, match="Unknown config keys \\['epoch'\\]"):
+        ExperimentConfig.from_dict({"epoch": 3})
+    with pytest.raises(ValueError, match="Unknown dataset"):
+        make_data(ExperimentConfig(dataset="imagenet"))
+    with pytest.raises(ValueError, match="Unknown method"):
+        make_model(ExperimentConfig(method="dino"))
+
+
+def test_evaluate_is_deterministic(tmp_path):
+    cfg = ExperimentConfig(
+        epochs=0, out_dir=str(tmp_path), **{k: v for k, v in TINY.items() if k != "epochs"}
+    )
+    model, data = make_model(cfg), make_data(cfg)
+    assert evaluate(model, data, cfg) == evaluate(model, data, cfg)
+
+
+def test_helpers():
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2**0.5))
+    assert mean_std([0.5]) == (0.5, 0.0)
+    text = format_table([("a", {"rank1": 0.5})], ["rank1", "mAP"])
+    assert "| a | 50.0 | – |" in text

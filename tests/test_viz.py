@@ -1,0 +1,48 @@
+import torch
+
+from lcr_lightly import with_common_rationale
+from lcr_lightly.data import SyntheticFineGrained
+from lcr_lightly.viz import (
+    projection_figure,
+    prune_head,
+    rank_projections,
+    rationale_figure,
+    rationale_maps,
+    ssl_gradcam,
+    synthetic_grid,
+)
+from tests.conftest import ToySiamese, two_view_batch
+
+
+def test_ssl_gradcam_has_no_side_effects_and_matches_manual():
+    torch.manual_seed(0)
+    model = with_common_rationale(ToySiamese(), k=4)
+    views, _ = two_view_batch(4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cams = ssl_gradcam(model, views)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert cams.shape == (4, 4, 4) and torch.allclose(cams.flatten(1).amax(1), torch.ones(4))
+    assert model.common_rationale.capture.maps == []
+
+
+def test_figures_and_pruning(tmp_path):
+    torch.manual_seed(0)
+    model = with_common_rationale(ToySiamese(), k=6)
+    views, _ = two_view_batch(3)
+    images = views[0]
+    path = rationale_figure(
+        model, images, views, str(tmp_path / "f.png"), part_masks=torch.zeros(3, 32, 32)
+    )
+    assert (tmp_path / "f.png").stat().st_size > 1000 and path.endswith("f.png")
+    order = rank_projections(model, [(images,)])
+    proj = rationale_maps(model, images)["projections"]
+    var = proj.permute(1, 0, 2, 3).flatten(1).var(1, unbiased=False)
+    assert torch.equal(order, var.argsort(descending=True))
+    projection_figure(model, images, str(tmp_path / "p.png"), order=order, top=3)
+    keep = order[:2].tolist()
+    prune_head(model, keep)
+    pruned = rationale_maps(model, images)["projections"]
+    torch.testing.assert_close(pruned, proj[:, keep])
+    ds = SyntheticFineGrained(num_classes=3, images_per_class=1, image_size=32)
+    synthetic_grid(ds, str(tmp_path / "g.png"), classes=3)
+    assert (tmp_path / "g.png").exists()

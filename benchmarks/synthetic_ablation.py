@@ -41,6 +41,14 @@ LOSS_VARIANTS: Dict[str, Dict[str, Any]] = {
 
 STUDIES: Dict[str, Dict[str, Dict[str, Any]]] = {
     "main": {"baseline (no LCR)": {"lcr": False}, "LCR default": {}},
+    "headline": {
+        "baseline (no LCR)": {"lcr": False},
+        "LCR nu=0.01": {"weight": 0.01},
+        "LCR nu=0.1": {"weight": 0.1},
+        "LCR nu=1": {"weight": 1.0},
+        "LCR nu=1, detach_features": {"weight": 1.0, "detach_features": True},
+        "official preset (nu=0.01, sum, views=first)": {"official_loss": True, "views": "first"},
+    },
     "loss": LOSS_VARIANTS,
     "k": {f"K={k}": {"k": k} for k in (1, 4, 8, 16, 32, 64)},
     "weight": {f"nu={w}": {"weight": w} for w in (1.0, 0.1, 0.01, 0.001)},

@@ -37,6 +37,7 @@ LOSS_VARIANTS: Dict[str, Dict[str, Any]] = {
     "channel-weighted GradCAM": {"gradcam_mode": "channel"},
     "batch normalisation at inference": {"normalize": "batch"},
     "rationale pooling in training": {"pool_in_training": True},
+    "MLP head (hidden 128)": {"head_hidden": 128},
 }
 
 STUDIES: Dict[str, Dict[str, Dict[str, Any]]] = {
@@ -44,7 +45,6 @@ STUDIES: Dict[str, Dict[str, Dict[str, Any]]] = {
     "headline": {
         "baseline (no LCR)": {"lcr": False},
         "LCR nu=0.01": {"weight": 0.01},
-        "LCR nu=0.1": {"weight": 0.1},
         "LCR nu=1": {"weight": 1.0},
         "LCR nu=1, detach_features": {"weight": 1.0, "detach_features": True},
         "official preset (nu=0.01, sum, views=first)": {"official_loss": True, "views": "first"},

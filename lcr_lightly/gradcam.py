@@ -81,8 +81,15 @@ class FeatureCapture(LayerHook):
         self.reshape = reshape
         self.training_only = training_only
         self.require_grad = require_grad
-        self.maps: List[Tensor] = []
+        self.outputs: List[Tensor] = []
         super().__init__(layer)
+
+    @property
+    def maps(self) -> List[Tensor]:
+        """The recorded feature maps, (B, C, H, W) each (``reshape`` applied)."""
+        if self.reshape is None:
+            return list(self.outputs)
+        return [self.reshape(o) for o in self.outputs]
 
     @property
     def layer(self) -> nn.Module:
@@ -98,20 +105,19 @@ class FeatureCapture(LayerHook):
             return
         if self.require_grad and not (torch.is_grad_enabled() and out.requires_grad):
             return
-        if self.reshape is not None:
-            out = self.reshape(out)
-        if out.dim() != 4:
+        fmap = self.reshape(out) if self.reshape is not None else out
+        if fmap.dim() != 4:
             raise ValueError(
                 f"The captured layer ({type(module).__name__}) produced a "
-                f"{out.dim()}-D output of shape {tuple(out.shape)}; LCR needs a 4-D map "
+                f"{fmap.dim()}-D output of shape {tuple(fmap.shape)}; LCR needs a 4-D map "
                 "(B, C, H, W). Choose a convolutional stage with layer=..., or pass "
                 "reshape=tokens_to_map for ViT tokens."
             )
-        self.maps.append(out)
+        self.outputs.append(out)
 
     def clear(self) -> None:
-        """Drops the recorded maps (and the graph they keep alive)."""
-        self.maps = []
+        """Drops the recorded outputs (and the graph they keep alive)."""
+        self.outputs = []
 
     def release(self) -> None:
         """Removes the hook and drops the recorded maps."""
@@ -119,7 +125,7 @@ class FeatureCapture(LayerHook):
         self.clear()
 
     def _transient_state(self) -> dict:
-        return {"_handle": None, "maps": []}
+        return {"_handle": None, "outputs": []}
 
 
 def gradcam(
@@ -128,6 +134,7 @@ def gradcam(
     mode: str = "elementwise",
     retain_graph: bool = True,
     allow_unused: bool = False,
+    reshape: Optional[Reshape] = None,
 ) -> List[Optional[Tensor]]:
     """GradCAM of a scalar loss with respect to feature maps.
 
@@ -144,6 +151,9 @@ def gradcam(
         retain_graph: Keep the graph for the main backward (default True).
         allow_unused: Return None for maps the loss does not depend on, instead of
             raising.
+        reshape: For layers whose output is not a map (ViT tokens): the gradient is
+            taken w.r.t. the raw outputs given in ``maps`` and both the output and its
+            gradient are turned into (B, C, H, W) maps by this callable.
 
     Returns:
         One GradCAM map (B, H, W) in float32 per input map (None for unused maps when
@@ -170,6 +180,8 @@ def gradcam(
                 "The SSL loss does not depend on a captured feature map: the hooked layer "
                 "is not on the path from the online view to the loss."
             )
+        if reshape is not None:
+            feature, grad = reshape(feature), reshape(grad)
         f32, g32 = feature.float(), grad.float()
         if mode == "channel":
             g32 = g32.mean(dim=(2, 3), keepdim=True)

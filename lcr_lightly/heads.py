@@ -8,6 +8,8 @@ min-max normalised per image, weights the average pooling of the feature map.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -24,18 +26,24 @@ def minmax_normalize(maps: Tensor, over: str = "image", eps: float = 1e-7) -> Te
         eps: Added to the range to avoid division by zero.
 
     Returns:
-        Normalised maps of shape (B, H, W).
+        Normalised maps of shape (B, H, W). A constant map (e.g. a 1x1 map) has no
+        spatial preference and becomes all ones, so that pooling with it equals average
+        pooling instead of giving zero features.
     """
     if over not in NORMALIZE_MODES:
         raise ValueError(f"Unknown normalisation {over!r}; expected one of {NORMALIZE_MODES}.")
     if over == "batch":
         low = maps.min()
         shifted = maps - low
-        return shifted / (shifted.max() + eps)
+        span = shifted.max()
+        return shifted / (span + eps) if span > 0 else torch.ones_like(maps)
     flat = maps.flatten(1)
-    low = flat.min(dim=1).values[:, None, None]
-    high = flat.max(dim=1).values[:, None, None]
-    return (maps - low) / (high - low + eps)
+    low = flat.min(dim=1).values
+    high = flat.max(dim=1).values
+    shape = (-1,) + (1,) * (maps.dim() - 1)
+    out = (maps - low.view(shape)) / (high - low + eps).view(shape)
+    constant = (high == low).view(shape)
+    return torch.where(constant, torch.ones_like(out), out)
 
 
 def weighted_average_pool(features: Tensor, weights: Tensor) -> Tensor:
@@ -63,6 +71,8 @@ class CommonRationaleHead(nn.Module):
         k: Number of projections K (the paper uses 32; 4-64 work).
         normalize: How :meth:`attention` normalises the map: ``"image"`` (the paper,
             default) or ``"batch"`` (the official code's inference, for ablation only).
+        hidden_channels: If set, an MLP (1x1 conv C -> hidden, BN, ReLU, 1x1 conv ->
+            K) replaces the single 1x1 conv: the paper's failing variant, for ablation.
 
     Example:
         >>> head = CommonRationaleHead(2048, k=32)
@@ -71,7 +81,13 @@ class CommonRationaleHead(nn.Module):
         (torch.Size([8, 7, 7]), torch.Size([8, 2048]))
     """
 
-    def __init__(self, in_channels: int, k: int = 32, normalize: str = "image") -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        k: int = 32,
+        normalize: str = "image",
+        hidden_channels: Optional[int] = None,
+    ) -> None:
         super().__init__()
         if in_channels < 1 or k < 1:
             raise ValueError(f"in_channels and k must be positive, got {in_channels}, {k}.")
@@ -80,7 +96,17 @@ class CommonRationaleHead(nn.Module):
         self.in_channels = in_channels
         self.k = k
         self.normalize = normalize
-        self.conv = nn.Conv2d(in_channels, k, kernel_size=1, bias=False)
+        self.hidden_channels = hidden_channels
+        self.mlp: Optional[nn.Module] = None
+        width = in_channels
+        if hidden_channels is not None:
+            self.mlp = nn.Sequential(
+                nn.Conv2d(in_channels, hidden_channels, kernel_size=1, bias=False),
+                nn.BatchNorm2d(hidden_channels),
+                nn.ReLU(inplace=True),
+            )
+            width = hidden_channels
+        self.conv = nn.Conv2d(width, k, kernel_size=1, bias=False)
         self.bn = nn.BatchNorm2d(k)
         self.relu = nn.ReLU(inplace=True)
 
@@ -106,6 +132,8 @@ class CommonRationaleHead(nn.Module):
             Projection maps (B, K, H, W).
         """
         self._check(features)
+        if self.mlp is not None:
+            features = self.mlp(features)
         return self.relu(self.bn(self.conv(features)))
 
     def forward(self, features: Tensor) -> Tensor:
@@ -143,4 +171,5 @@ class CommonRationaleHead(nn.Module):
 
     def extra_repr(self) -> str:
         """Settings shown in ``repr``."""
-        return f"in_channels={self.in_channels}, k={self.k}, normalize={self.normalize!r}"
+        extra = f", hidden_channels={self.hidden_channels}" if self.hidden_channels else ""
+        return f"in_channels={self.in_channels}, k={self.k}, normalize={self.normalize!r}{extra}"

@@ -33,6 +33,14 @@ class _WeakHook:
         return (_WeakHook, (None,))
 
 
+def _purge_dead(module: nn.Module) -> None:
+    for key, hook in list(module._forward_hooks.items()):
+        if isinstance(hook, _WeakHook) and (hook.ref is None or hook.ref() is None):
+            del module._forward_hooks[key]
+            module._forward_hooks_with_kwargs.pop(key, None)
+            module._forward_hooks_always_called.pop(key, None)
+
+
 def remove_hooks(root: nn.Module) -> int:
     """Removes every lcr-lightly hook, live or copied, from a module tree.
 
@@ -89,8 +97,9 @@ class LayerHook:
         raise NotImplementedError
 
     def attach(self) -> None:
-        """Registers the hook if it is not registered."""
+        """Registers the hook if it is not registered (purging dead copies first)."""
         if self._handle is None:
+            _purge_dead(self.module)
             self._handle = self.module.register_forward_hook(_WeakHook(self))
 
     def release(self) -> None:

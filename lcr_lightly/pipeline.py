@@ -70,6 +70,7 @@ class ExperimentConfig:
     views: str = "all"
     pool_in_training: bool = False
     normalize: str = "image"
+    head_hidden: Optional[int] = None
     # backbone
     backbone: str = "small_resnet"
     widths: List[int] = field(default_factory=lambda: [16, 32, 64, 128])
@@ -258,6 +259,7 @@ def make_model(cfg: ExperimentConfig, num_classes: Optional[int] = None) -> pl.L
             views=cfg.views,
             pool_in_training=cfg.pool_in_training,
             normalize=cfg.normalize,
+            head_hidden=cfg.head_hidden,
         )
     return model
 

@@ -61,7 +61,7 @@ def ssl_gradcam(model: nn.Module, views: Sequence[Tensor]) -> Tensor:
     with torch.enable_grad(), FeatureCapture(layer, reshape=lcr.capture.reshape) as tap:
         loss = type(twin).training_step(twin, (list(views), labels), 0)
         loss = loss["loss"] if isinstance(loss, dict) else loss
-        (cam,) = gradcam(loss, tap.maps[:1])
+        (cam,) = gradcam(loss, tap.outputs[:1], reshape=tap.reshape)
     assert cam is not None
     return cam.detach() / cam.detach().flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
 
@@ -183,6 +183,8 @@ def prune_head(model: nn.Module, keep: Sequence[int]) -> nn.Module:
         The model.
     """
     head = _lcr(model).head
+    if head.mlp is not None:
+        raise ValueError("prune_head supports the 1x1-conv head only, not an MLP head.")
     idx = torch.as_tensor(list(keep), dtype=torch.long)
     conv = nn.Conv2d(head.in_channels, len(idx), kernel_size=1, bias=False)
     bn = nn.BatchNorm2d(len(idx))

@@ -16,16 +16,23 @@ directly (see the README's functional API).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from lcr_lightly.gradcam import GRADCAM_MODES, FeatureCapture, Reshape, gradcam
+from lcr_lightly.gradcam import GRADCAM_MODES, FeatureCapture, Reshape, gradcam, tokens_to_map
 from lcr_lightly.heads import CommonRationaleHead
 from lcr_lightly.hooks import LayerHook, remove_hooks
-from lcr_lightly.layers import LayerSpec, find_global_pool, infer_channels, resolve_layer
+from lcr_lightly.layers import (
+    LayerSpec,
+    find_global_pool,
+    find_token_layer,
+    infer_channels,
+    resolve_layer,
+)
 from lcr_lightly.losses import GradCAMFitLoss
 
 POOLING_MODES = ("gap", "rationale")
@@ -92,6 +99,7 @@ class CommonRationale(nn.Module):
         pool_in_training: Also use rationale pooling in training (a failing variant
             of the paper, for ablation).
         weight: Weight nu of the KL term used by :func:`with_common_rationale`.
+        head_hidden: Hidden width of an MLP head (the paper's failing variant; ablation).
     """
 
     def __init__(
@@ -109,6 +117,7 @@ class CommonRationale(nn.Module):
         normalize: str = "image",
         pool_in_training: bool = False,
         weight: float = 0.01,
+        head_hidden: Optional[int] = None,
     ) -> None:
         super().__init__()
         _check_choice("gradcam_mode", gradcam_mode, GRADCAM_MODES)
@@ -116,7 +125,9 @@ class CommonRationale(nn.Module):
         _check_choice("nonfinite", nonfinite, NONFINITE)
         if loss is not None and not isinstance(loss, GradCAMFitLoss):
             raise TypeError(f"loss must be a GradCAMFitLoss, not {type(loss).__name__}.")
-        self.head = CommonRationaleHead(in_channels, k=k, normalize=normalize)
+        self.head = CommonRationaleHead(
+            in_channels, k=k, normalize=normalize, hidden_channels=head_hidden
+        )
         self.loss_fn = loss if loss is not None else GradCAMFitLoss()
         self.detach_features = detach_features
         self.gradcam_mode = gradcam_mode
@@ -172,10 +183,10 @@ class CommonRationale(nn.Module):
             RuntimeError: If no online feature map was captured.
             FloatingPointError: On non-finite values with ``nonfinite="error"``.
         """
-        maps = self.capture.maps
+        outputs = self.capture.outputs
         self.capture.clear()
-        self.batch_size = maps[0].shape[0] if maps else 0
-        if not maps:
+        self.batch_size = outputs[0].shape[0] if outputs else 0
+        if not outputs:
             raise RuntimeError(
                 f"LCR captured no feature map with gradient at {type(self.capture.layer).__name__}"
                 " during this training step. The hooked layer must be on the online "
@@ -183,8 +194,12 @@ class CommonRationale(nn.Module):
                 "pass layer=<name> if the backbone attribute is a momentum encoder."
             )
         if self.views == "first":
-            maps = maps[:1]
-        cams = gradcam(ssl_loss, maps, mode=self.gradcam_mode, allow_unused=True)
+            outputs = outputs[:1]
+        reshape = self.capture.reshape
+        cams = gradcam(
+            ssl_loss, outputs, mode=self.gradcam_mode, allow_unused=True, reshape=reshape
+        )
+        maps = [reshape(o) for o in outputs] if reshape is not None else outputs
         pairs = [(f, c) for f, c in zip(maps, cams) if c is not None]
         if not pairs:
             raise RuntimeError(
@@ -259,7 +274,13 @@ def attach(
         ValueError: For a bad layer name, a backbone with no conv stage, or channels
             that cannot be inferred.
     """
-    _, layer_module = resolve_layer(backbone, layer)
+    tokens = find_token_layer(backbone) if layer is None else None
+    if tokens is not None:  # a ViT: tokens (B, N, C) -> map (B, C, h, w)
+        _, layer_module, width, num_prefix = tokens
+        reshape = reshape or functools.partial(tokens_to_map, num_prefix_tokens=num_prefix)
+        in_channels = in_channels or width
+    else:
+        _, layer_module = resolve_layer(backbone, layer)
     if in_channels is None:
         in_channels = infer_channels(layer_module)
         if in_channels is None:
@@ -267,7 +288,9 @@ def attach(
                 f"Cannot infer the channels of layer {type(layer_module).__name__}; "
                 "pass in_channels=."
             )
-    if pool is None:
+    if pool is None and tokens is not None:
+        pool_module = None  # ViTs pool tokens functionally: use lcr.head.pool(map)
+    elif pool is None:
         found = find_global_pool(backbone, layer_module)
         pool_module = found[1] if found is not None else None
     else:

@@ -36,7 +36,8 @@ class TwoViews(Dataset):
     def __getitem__(self, i: int) -> Tuple[List[Tensor], int]:
         g = torch.Generator().manual_seed(i)
         base = torch.randn(3, self.size, self.size, generator=g)
-        return [base + 0.1 * torch.randn_like(base), base.flip(-1)], i % self.classes
+        noise = torch.randn(3, self.size, self.size, generator=g)
+        return [base + 0.1 * noise, base.flip(-1)], i % self.classes
 
 
 def two_view_batch(b: int = 8, size: int = 32) -> Tuple[List[Tensor], Tensor]:

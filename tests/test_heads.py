@@ -83,3 +83,23 @@ def test_head_channel_mismatch_and_bad_args():
         head(torch.randn(2, 8))
     with pytest.raises(ValueError, match="normalize"):
         CommonRationaleHead(8, normalize="global")
+
+
+def test_mlp_head_variant():
+    torch.manual_seed(0)
+    head = CommonRationaleHead(6, k=3, hidden_channels=4).eval()
+    feats = torch.randn(2, 6, 3, 3)
+    hidden = head.mlp(feats)
+    expected = F.relu(head.bn(head.conv(hidden))).max(dim=1).values
+    torch.testing.assert_close(head(feats), expected)
+    assert hidden.shape == (2, 4, 3, 3)
+
+
+def test_constant_and_one_by_one_maps_pool_like_gap():
+    maps = torch.tensor([[[2.0, 2.0]], [[0.0, 3.0]]])
+    out = minmax_normalize(maps)
+    torch.testing.assert_close(out[0], torch.ones(1, 2))
+    torch.testing.assert_close(out[1], torch.tensor([[0.0, 1.0]]), atol=1e-6, rtol=0)
+    head = CommonRationaleHead(4, k=2).eval()
+    feats = torch.randn(3, 4, 1, 1)
+    torch.testing.assert_close(head.pool(feats), feats.flatten(1))

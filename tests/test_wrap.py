@@ -88,7 +88,7 @@ def test_hooks_see_online_views_only():
 def test_deepcopy_after_wrapping_does_not_double_capture(toy):
     model = with_common_rationale(toy, k=4)
     capture = model.common_rationale.capture
-    model.momentum_backbone = copy.deepcopy(model.backbone)  # copies the (dead) hook
+    model.momentum_backbone = copy.deepcopy(model.backbone)  # copies a dead hook
     model.train()
     x = torch.randn(2, 3, 32, 32)
     model.momentum_backbone(x)  # with gradient, in training mode

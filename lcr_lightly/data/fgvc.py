@@ -196,8 +196,11 @@ class CUB200(Dataset):
 
 
 def _pil_loader(path: str) -> Image.Image:
-    with open(path, "rb") as f:
-        return Image.open(f).convert("RGB")
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except OSError as err:  # includes PIL's UnidentifiedImageError and truncated files
+        raise OSError(f"Cannot read image {path}: {err}") from err
 
 
 def _torchvision(factory: Callable[[], Dataset], name: str, root: Path, layout: str) -> Dataset:

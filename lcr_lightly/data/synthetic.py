@@ -6,14 +6,15 @@ Made to show the failure LCR addresses, with no files to download:
   from the same template (body, head, tail) in the same layout. The class is carried
   only by two small parts: the *shape* of a head mark (circle, square, triangle,
   cross, diamond) and the *texture* of a wing patch (horizontal or vertical stripes,
-  checker, dots, ring). Each part covers about 1-2 % of the image (well under 10 %).
+  checker, dots, ring). The parts cover about 2 % and 4 % of the image (together
+  under 10 %).
   Parts are drawn in luminance contrast with a random hue, so SSL colour augmentation
   (which removes hue) leaves the class intact, and hue alone says nothing.
 * **Nuisances carry no class information.** Object colour, part colour, position,
   scale (object width 50-70 % of the image), rotation (+-30 degrees) and horizontal
   flip are drawn at random for every image, independently of the class.
 * **A distinctive background.** Each image has its own low-frequency colour field and
-  12-20 distractors drawn from the same shape and texture vocabulary as the parts,
+  8-14 distractors drawn from the same shape and texture vocabulary as the parts,
   so a background is by itself very distinctive per instance (easy for instance
   discrimination) but never tells the class (the parts' shapes appear everywhere).
 * **Masks.** Every sample also yields its object mask, its discriminative-part mask
@@ -49,11 +50,11 @@ SPLITS = {"train": 0, "test": 1, "val": 2}
 _SS = 4  # supersampling factor
 
 # Template geometry in object units (the object spans about [-1, 1]).
-_BODY = ((0.0, 0.1), (0.55, 0.35))
-_HEAD = ((0.58, -0.33), 0.27)
-_TAIL = [(-0.45, 0.05), (-1.0, -0.25), (-1.0, 0.4)]
-_MARK = ((0.6, -0.35), 0.19)  # head mark: centre, radius
-_WING = ((-0.05, 0.12), 0.3)  # wing patch: centre, radius
+_BODY = ((0.0, 0.1), (0.6, 0.45))
+_HEAD = ((0.62, -0.38), 0.36)
+_TAIL = [(-0.5, 0.05), (-1.0, -0.3), (-1.0, 0.45)]
+_MARK = ((0.64, -0.4), 0.26)  # head mark: centre, radius
+_WING = ((-0.05, 0.14), 0.36)  # wing patch: centre, radius
 
 
 def _ellipse(center: Point, radii: Tuple[float, float], n: int = 40) -> List[Point]:
@@ -360,7 +361,7 @@ class SyntheticFineGrained(Dataset):
         image = self._background(rng, size)
         draw = ImageDraw.Draw(image)
         if self.variant == "fine":
-            self._clutter(rng, draw, size, count=(12, 21), scale=(0.03, 0.12))
+            self._clutter(rng, draw, size, count=(8, 15), scale=(0.03, 0.1))
         else:
             self._clutter(rng, draw, size, count=(3, 7), scale=(0.03, 0.07))
         obj_mask = Image.new("L", (size, size), 0)

@@ -7,7 +7,7 @@ constructor argument. ``forward(x)`` returns the online backbone's pooled featur
 
 from __future__ import annotations
 
-from typing import Any, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from lightly.loss import NegativeCosineSimilarity, NTXentLoss
@@ -65,6 +65,25 @@ class MoCoV2(SSLModule):
     def trainable_modules(self) -> List[nn.Module]:
         """Backbone and projection head."""
         return [self.backbone, self.projection_head]
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        """Saves the queue: lightly registers it as a non-persistent buffer."""
+        bank = self.criterion.memory_bank
+        checkpoint["moco_queue"] = {"bank": bank.bank.cpu(), "ptr": bank.bank_ptr.cpu()}
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        """Restores the queue saved by :meth:`on_save_checkpoint` (if present)."""
+        saved = checkpoint.get("moco_queue")
+        if saved is None:
+            return
+        bank = self.criterion.memory_bank
+        if tuple(saved["bank"].shape) != tuple(bank.bank.shape):
+            raise ValueError(
+                f"Checkpoint queue has shape {tuple(saved['bank'].shape)} but the model's is "
+                f"{tuple(bank.bank.shape)}; use the same memory_bank_size and out_dim."
+            )
+        bank.bank.copy_(saved["bank"])
+        bank.bank_ptr.copy_(saved["ptr"])
 
     @torch.no_grad()
     def forward_key(self, x: Tensor) -> Tensor:

@@ -1,0 +1,89 @@
+import timm
+import torch
+import torchvision
+from pytorch_lightning import LightningModule
+from torch import nn
+
+from lcr_lightly import FeatureCapture, gradcam, tokens_to_map, with_common_rationale
+from lcr_lightly.layers import find_token_layer
+from tests.conftest import loader, quiet_trainer, two_view_batch
+
+
+def tiny_timm_vit(global_pool: str = "avg") -> nn.Module:
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        num_classes=0,
+        global_pool=global_pool,
+    )
+
+
+class ViTSiamese(LightningModule):
+    def __init__(self, backbone: nn.Module, dim: int = 32):
+        super().__init__()
+        self.backbone = backbone
+        self.projection = nn.Linear(dim, 16)
+        self.prediction = nn.Linear(16, 16)
+
+    def training_step(self, batch, batch_idx):
+        (x0, x1), _ = batch
+        z0, z1 = self.projection(self.backbone(x0)), self.projection(self.backbone(x1))
+        cos = nn.functional.cosine_similarity
+        return -0.5 * (
+            cos(self.prediction(z0), z1.detach()).mean()
+            + cos(self.prediction(z1), z0.detach()).mean()
+        )
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_detects_timm_lightly_and_torchvision_vits():
+    avg = tiny_timm_vit("avg")
+    assert find_token_layer(avg)[:1] == ("blocks.1",) and find_token_layer(avg)[2:] == (32, 1)
+    token = tiny_timm_vit("token")
+    assert find_token_layer(token)[0] == "blocks.0"  # class-token pooling: block before last
+    from lightly.models.modules import MaskedVisionTransformerTIMM
+
+    lightly_vit = MaskedVisionTransformerTIMM(vit=tiny_timm_vit("token"))
+    assert find_token_layer(lightly_vit)[0] == "vit.blocks.0"
+    tv = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64
+    )
+    name, layer, width, prefix = find_token_layer(tv)
+    assert (name, width, prefix) == ("encoder.layers.0", 32, 1)
+    assert find_token_layer(torchvision.models.resnet18()) is None
+
+
+def test_vit_gradcam_on_token_maps_matches_manual():
+    torch.manual_seed(0)
+    vit = tiny_timm_vit("avg")
+    x = torch.randn(2, 3, 32, 32)
+    with FeatureCapture(vit.blocks[1], reshape=lambda t: tokens_to_map(t, 1)) as cap:
+        loss = vit(x).pow(2).sum()
+        (cam,) = gradcam(loss, cap.outputs, reshape=cap.reshape)
+        tokens = cap.outputs[0]
+    (grad,) = torch.autograd.grad(loss, tokens, retain_graph=True)
+    expected = (tokens[:, 1:] * grad[:, 1:]).sum(-1).clamp(min=0).reshape(2, 4, 4)
+    torch.testing.assert_close(cam, expected)
+    assert cam.shape == (2, 4, 4) and cam.sum() > 0
+
+
+def test_tiny_vit_trains_two_steps_wrapped():
+    torch.manual_seed(0)
+    model = with_common_rationale(ViTSiamese(tiny_timm_vit("token")), k=4)
+    lcr = model.common_rationale
+    assert lcr.capture.layer is model.backbone.blocks[0] and lcr.head.in_channels == 32
+    assert lcr.pooler is None and lcr.pooling == "gap"
+    out = model.training_step(two_view_batch(), 0)
+    assert out.dim() == 0
+    trainer = quiet_trainer(max_steps=2)
+    before = lcr.head.conv.weight.detach().clone()
+    trainer.fit(model, loader())
+    assert trainer.global_step == 2 and not torch.equal(before, lcr.head.conv.weight)
+    assert torch.isfinite(trainer.callback_metrics["train_lcr_kl"])

@@ -27,6 +27,7 @@ from lcr_lightly.pipeline import (
     make_data,
     make_model,
     pretrain_generic_init,
+    save_run,
 )
 
 ASSET = Path(__file__).parent / "assets" / "init_small_resnet_w16_64px.pth"
@@ -108,6 +109,7 @@ def run_demo(
         print(f"\n== training {name} ({run_cfg.epochs} epochs, seed {run_cfg.seed}) ==")
         model = make_model(run_cfg)
         fit(run_cfg, model, data)
+        save_run(run_cfg, model)
         results = evaluate(model, data, run_cfg)
         runs[name] = {"model": model, "results": results}
         if lcr:
@@ -143,7 +145,9 @@ def run_demo(
     text = (
         f"{header}\n\nRetrieval on the test split (leave-one-out), kNN and linear probe "
         f"(train -> test), in %:\n\n{table}\n\nPointing game on the test split, in %:\n\n"
-        f"{loc_table}\n\nFigure: {figure}\nTotal time: {elapsed:.0f} s"
+        f"{loc_table}\n\nFigure: {figure}\nTotal time: {elapsed:.0f} s\n\nMore figures: "
+        f"lcr-lightly visualize --config {out / 'mocov2_lcr' / 'config.yaml'} --checkpoint "
+        f"{out / 'mocov2_lcr' / 'model.pt'} --out fig.png"
     )
     print("\n" + text)
     (out / "table.md").write_text(text + "\n")

@@ -414,9 +414,30 @@ def run(cfg: ExperimentConfig, data: Optional[DataBundle] = None) -> Dict[str, A
     elapsed = time.time() - start
     results = evaluate(model, data, cfg)
     out = {"config": cfg.to_dict(), "results": results, "train_seconds": elapsed}
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    save_run(cfg, model)
     Path(cfg.out_dir, "results.json").write_text(json.dumps(out, indent=2))
-    torch.save(model.state_dict(), Path(cfg.out_dir, "model.pt"))
+    return out
+
+
+def save_run(cfg: ExperimentConfig, model: nn.Module) -> Path:
+    """Writes ``model.pt`` (state_dict) and ``config.yaml`` into ``cfg.out_dir``.
+
+    ``lcr-lightly evaluate/visualize --config <dir>/config.yaml --checkpoint
+    <dir>/model.pt`` then rebuilds exactly this model.
+
+    Args:
+        cfg: The run's config.
+        model: The trained model.
+
+    Returns:
+        The output folder.
+    """
+    import yaml
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out / "model.pt")
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=True))
     return out
 
 

@@ -11,15 +11,17 @@ features equal) scores 0 rank-1 instead of 100 %.
 
 The exact mode needs every similarity anyway (mAP is over the full ranking of the
 other N - 1 items), so it computes them in one chunked BLAS pass and ranks with
-NumPy's SIMD sort: 10,000 x 2,048 features take about 4 s on 2 CPU cores (see
-``benchmarks/retrieval_speed.py``). For galleries too large for that,
-``index="hnsw"`` searches an approximate faiss HNSW index for the top ``search_k``
-items and reports rank-k and mAP over that truncated list (``mAP@search_k``).
+NumPy's SIMD sort, then ranks every same-class item of a block of queries with a
+single ``searchsorted``; up to 16,384 items the symmetric similarity matrix is built
+from half the products (see ``benchmarks/retrieval_speed.py`` for the timing). For
+galleries too large for that, ``index="hnsw"`` searches an approximate faiss HNSW
+index for the top ``search_k`` items and reports rank-k and mAP over that truncated
+list (``mAP@search_k``).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Union
+from typing import Dict, Iterator, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -92,32 +94,66 @@ def retrieval_metrics(
     raise ValueError(f"Unknown index={index!r}; expected 'exact' or 'hnsw'.")
 
 
+FULL_MATRIX_LIMIT = 16384  # items; the full float32 similarity matrix then fits in 1 GiB
+
+
+def _similarity_blocks(xt: Tensor, chunk_size: int) -> Iterator[Tuple[int, int, np.ndarray]]:
+    """Row blocks of the cosine similarity matrix, as writable float32 arrays.
+
+    Up to :data:`FULL_MATRIX_LIMIT` items the symmetric matrix is built from its upper
+    block-triangle (half the matrix multiplication); beyond, blocks are streamed.
+    """
+    n = xt.shape[0]
+    if n <= FULL_MATRIX_LIMIT:
+        full = torch.empty(n, n)
+        for i in range(0, n, chunk_size):
+            stop = min(i + chunk_size, n)
+            block = xt[i:stop] @ xt[i:].T
+            full[i:stop, i:] = block
+            full[i:, i:stop] = block.T
+        for i in range(0, n, chunk_size):
+            stop = min(i + chunk_size, n)
+            yield i, stop, full[i:stop].numpy()
+        return
+    for i in range(0, n, chunk_size):
+        stop = min(i + chunk_size, n)
+        yield i, stop, (xt[i:stop] @ xt.T).numpy()
+
+
 def _exact(x: np.ndarray, y: np.ndarray, ks: Sequence[int], chunk_size: int) -> Dict[str, float]:
     n = x.shape[0]
     xt = torch.from_numpy(x)
     hits = {k: 0 for k in ks}
     ap_sum, ap_count = 0.0, 0
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        sims = (xt[start:stop] @ xt.T).numpy()
-        rows = np.arange(stop - start)
-        sims[rows, rows + start] = -np.inf  # the query itself
-        ordered = np.sort(sims, axis=1)  # ascending; the query sits first
-        for r in rows:
-            i = r + start
-            rel = y == y[i]
-            rel[i] = False
-            if not rel.any():
-                continue
-            rel_sims = np.sort(sims[r, rel])
-            # pessimistic ranks: items (not the query) at least as similar
-            ranks = (n - np.searchsorted(ordered[r], rel_sims, side="left")).astype(np.float64)
-            rel_before = len(rel_sims) - np.searchsorted(rel_sims, rel_sims, side="left")
-            ap_sum += float(np.mean(rel_before / ranks))
-            ap_count += 1
-            best = ranks.min()
-            for k in ks:
-                hits[k] += int(best <= k)
+    for start, stop, sims in _similarity_blocks(xt, chunk_size):
+        m = stop - start
+        rows = np.arange(m)
+        sims[rows, rows + start] = -2.0  # the query itself: below every cosine
+        rel = y[start:stop, None] == y[None, :]
+        rel[rows, rows + start] = False
+        counts = rel.sum(axis=1)
+        if not counts.any():
+            continue
+        # Rank all same-class items of the chunk with one searchsorted: each row is
+        # shifted into its own range (offset 4 * row, float64 keeps float32 ties exact).
+        offsets = 4.0 * rows
+        ordered = (np.sort(sims, axis=1).astype(np.float64) + offsets[:, None]).ravel()
+        values = sims[rel].astype(np.float64) + np.repeat(offsets, counts)
+        row_of = np.repeat(rows, counts)
+        # pessimistic rank: items of the row at least as similar (the query is below)
+        ranks = n - (np.searchsorted(ordered, values, side="left") - row_of * n)
+        # same-class items at least as similar
+        rel_sorted = np.sort(values)
+        ends = np.cumsum(counts)[row_of]
+        rel_before = ends - np.searchsorted(rel_sorted, values, side="left")
+        precision = rel_before / ranks
+        valid = counts > 0
+        seg = np.concatenate([[0], np.cumsum(counts)[:-1]])[valid]
+        ap_sum += float((np.add.reduceat(precision, seg) / counts[valid]).sum())
+        ap_count += int(valid.sum())
+        best = np.minimum.reduceat(ranks, seg)
+        for k in ks:
+            hits[k] += int((best <= k).sum())
     return _summary(hits, ap_sum, ap_count, n, ks)
 
 

@@ -49,3 +49,33 @@ def test_linear_probe_separable_and_chooses_on_validation():
     # labels independent of the features: near chance
     shuffled = linear_probe(xtr, rng.permutation(ytr), xte, yte)
     assert shuffled["top1"] < 0.7
+
+
+def test_paper_protocol_probe_runs_and_selects_on_validation():
+    from lcr_lightly.data import SyntheticFineGrained
+    from lcr_lightly.eval import linear_probe_paper
+    from lcr_lightly.models import SmallResNet
+
+    torch.manual_seed(0)
+    backbone = SmallResNet(widths=(8, 8, 16, 16))
+    backbone.fc = torch.nn.Identity()
+    kw = dict(num_classes=3, image_size=32)
+    train = SyntheticFineGrained(images_per_class=6, **kw)
+    test = SyntheticFineGrained(images_per_class=3, split="test", **kw)
+    before = [p.detach().clone() for p in backbone.parameters()]
+    out = linear_probe_paper(
+        backbone,
+        train,
+        test,
+        num_classes=3,
+        feature_dim=16,
+        image_size=32,
+        epochs=3,
+        batch_size=8,
+        lr=0.5,
+        trainer_kwargs=dict(
+            accelerator="cpu", enable_progress_bar=False, enable_model_summary=False
+        ),
+    )
+    assert 0.0 <= out["top1"] <= 1.0 and 0.0 <= out["val_top1"] <= 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, backbone.parameters()))  # frozen

@@ -88,3 +88,15 @@ def test_bad_inputs():
         retrieval_metrics(np.array([[np.nan, 1.0], [1.0, 0.0]]), [0, 0])
     with pytest.raises(ValueError, match="index"):
         retrieval_metrics(np.eye(3), [0, 0, 1], index="lsh")
+
+
+def test_streamed_and_symmetric_paths_agree(monkeypatch):
+    import lcr_lightly.eval.retrieval as retrieval
+
+    rng = np.random.default_rng(3)
+    features, labels = rng.normal(size=(50, 8)), rng.integers(0, 6, 50)
+    full = retrieval_metrics(features, labels, chunk_size=16)
+    monkeypatch.setattr(retrieval, "FULL_MATRIX_LIMIT", 10)
+    streamed = retrieval_metrics(features, labels, chunk_size=16)
+    assert full == pytest.approx(streamed, abs=1e-12)
+    assert full == pytest.approx(brute_force(features, labels), abs=1e-9)

@@ -366,7 +366,17 @@ class _TrainingStep(_MethodWrapper):
             if not torch.isfinite(loss):
                 lcr._nonfinite("SSL loss returned by training_step")
                 return None
-            kl = lcr.kl_term(loss)
+            try:
+                kl = lcr.kl_term(loss)
+            except RuntimeError as err:
+                if _is_compiled(model):
+                    raise RuntimeError(
+                        "LCR cannot take the GradCAM of a feature map inside a torch.compile'd "
+                        "module: the map its hook sees is not on the compiled graph's gradient "
+                        "path. Keep the backbone in eager mode (compile the heads only, e.g. "
+                        "model.projection_head = torch.compile(model.projection_head))."
+                    ) from err
+                raise
         finally:
             lcr.capture.clear()
         if kl is None:
@@ -380,6 +390,14 @@ class _TrainingStep(_MethodWrapper):
             output["loss"] = total
             return output
         return total
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether the model or one of its submodules is compiled with torch.compile."""
+    return any(
+        type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None
+        for m in model.modules()
+    )
 
 
 def _optimizers(obj: Any) -> List[torch.optim.Optimizer]:

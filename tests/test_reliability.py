@@ -275,3 +275,11 @@ def test_layer_with_non_map_output_is_rejected():
         bad = with_common_rationale(ToySiamese(), k=4, layer="projection", in_channels=8)
         bad.training_step(two_view_batch(), 0)
     assert model.training_step(two_view_batch(), 0).dim() == 0
+
+
+def test_torch_compile_of_the_backbone_is_refused_clearly():
+    model = with_common_rationale(ToySiamese(), k=4)
+    model.backbone = torch.compile(model.backbone)
+    with pytest.raises(RuntimeError, match="torch.compile'd module.*eager mode"):
+        model.training_step(two_view_batch(), 0)
+    assert model.common_rationale.capture.outputs == []

@@ -165,7 +165,7 @@ class CommonRationale(nn.Module):
             raise FloatingPointError(message)
         warnings.warn(message + " Skipped.", RuntimeWarning, stacklevel=3)
 
-    def kl_term(self, ssl_loss: Tensor) -> Optional[Tensor]:
+    def kl_term(self, ssl_loss: Tensor, check_finite: bool = True) -> Optional[Tensor]:
         """The fitting loss for the maps captured since the last call.
 
         Computes GradCAM of ``ssl_loss`` for each captured map, the head's map for the
@@ -174,6 +174,8 @@ class CommonRationale(nn.Module):
 
         Args:
             ssl_loss: The scalar self-supervised loss of this step.
+            check_finite: Check GradCAM and KL for NaN/inf here (each check waits for the
+                device); the wrapped training step passes False and checks the total once.
 
         Returns:
             The scalar KL term (float32), or None when it was skipped
@@ -207,7 +209,7 @@ class CommonRationale(nn.Module):
                 f"{type(self.capture.layer).__name__}: the hooked layer is not on the path "
                 "from the online views to the loss. Pass layer=<name> of the online encoder."
             )
-        if not all(torch.isfinite(c).all() for _, c in pairs):
+        if check_finite and not all(torch.isfinite(c).all() for _, c in pairs):
             self._nonfinite("GradCAM of the SSL loss")
             return None
         terms = []
@@ -215,7 +217,7 @@ class CommonRationale(nn.Module):
             head_map = self.head(feature.detach() if self.detach_features else feature)
             terms.append(self.loss_fn(head_map, cam))
         kl = torch.stack(terms).mean()
-        if not torch.isfinite(kl):
+        if check_finite and not torch.isfinite(kl):
             self._nonfinite("LCR KL term")
             return None
         return kl
@@ -363,11 +365,8 @@ class _TrainingStep(_MethodWrapper):
                     f"{type(model).__name__}.training_step returned a loss of shape "
                     f"{tuple(loss.shape)}; LCR needs a scalar."
                 )
-            if not torch.isfinite(loss):
-                lcr._nonfinite("SSL loss returned by training_step")
-                return None
             try:
-                kl = lcr.kl_term(loss)
+                kl = lcr.kl_term(loss, check_finite=False)
             except RuntimeError as err:
                 if _is_compiled(model):
                     raise RuntimeError(
@@ -379,9 +378,14 @@ class _TrainingStep(_MethodWrapper):
                 raise
         finally:
             lcr.capture.clear()
-        if kl is None:
-            return output
+        assert kl is not None  # only None when checked and skipped
         total = loss + lcr.weight * kl
+        if not torch.isfinite(total):  # the step's only device sync; diagnose below
+            if not torch.isfinite(loss):
+                lcr._nonfinite("SSL loss returned by training_step")
+                return None
+            lcr._nonfinite("LCR KL term (GradCAM of the SSL loss or head map)")
+            return output
         log = getattr(model, "log", None)
         if getattr(model, "_trainer", None) is not None and callable(log):
             log("train_lcr_kl", kl.detach(), prog_bar=True, batch_size=lcr.batch_size)

@@ -187,9 +187,9 @@ def test_captured_maps_are_freed_every_step():
     refs = []
     original = model.common_rationale.kl_term
 
-    def spy(loss):
+    def spy(loss, **kw):
         refs.extend(weakref.ref(o) for o in model.common_rationale.capture.outputs)
-        return original(loss)
+        return original(loss, **kw)
 
     model.common_rationale.kl_term = spy
     for _ in range(200):
@@ -227,9 +227,9 @@ def test_map_sizes_batch_size_one_and_channels_last(size, expected):
     ]
     seen = []
     original = model.common_rationale.kl_term
-    model.common_rationale.kl_term = lambda loss: (
+    model.common_rationale.kl_term = lambda loss, **kw: (
         seen.append(model.common_rationale.capture.maps[0].shape[-2:]),
-        original(loss),
+        original(loss, **kw),
     )[1]
     out = model.training_step((views, torch.zeros(b)), 0)
     assert torch.isfinite(out) and tuple(seen[0]) == expected

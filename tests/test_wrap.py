@@ -74,9 +74,9 @@ def test_hooks_see_online_views_only():
     seen = []
     original = model.common_rationale.kl_term
 
-    def spy(loss):
+    def spy(loss, **kw):
         seen.append([tuple(m.shape) for m in model.common_rationale.capture.maps])
-        return original(loss)
+        return original(loss, **kw)
 
     model.common_rationale.kl_term = spy
     model.training_step(two_view_batch(), 0)
@@ -118,9 +118,9 @@ def test_wrap_before_momentum_copy_does_not_double_capture():
     batch = two_view_batch()
     calls = []
     original = model.common_rationale.kl_term
-    model.common_rationale.kl_term = lambda loss: (
+    model.common_rationale.kl_term = lambda loss, **kw: (
         calls.append(len(model.common_rationale.capture.maps)),
-        original(loss),
+        original(loss, **kw),
     )[1]
     with torch.enable_grad():
         model.momentum(batch[0][0])

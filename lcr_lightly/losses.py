@@ -22,6 +22,8 @@ behind the defaults.
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,7 +36,7 @@ DIRECTIONS = ("forward", "reverse")
 REDUCTIONS = ("batchmean", "sum")
 
 
-def _check_choice(name: str, value: str, choices: tuple) -> None:
+def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     if value not in choices:
         raise ValueError(f"Unknown {name}={value!r}; expected one of {choices}.")
 

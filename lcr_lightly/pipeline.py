@@ -331,9 +331,10 @@ def evaluate(
         model,
         _loader(data.test_eval, cfg),
         poolings,
-        return_maps=wrapped,
+        return_maps=data.masks,
         progress=cfg.progress,
         desc="test",
+        extras=data.masks,
     )
     train = extract_features(
         model, _loader(data.train_eval, cfg), poolings, progress=cfg.progress, desc="train"
@@ -346,49 +347,30 @@ def evaluate(
             train[pooling], train["labels"], test[pooling], test["labels"]
         )["top1"]
         results[pooling] = row
-    if data.masks:
-        results["localization"] = localize(model, data, cfg)
+    if data.masks:  # test batches are (image, label, object mask, part mask)
+        results["localization"] = localize(test, test["extra0"], test["extra1"])
     return results
 
 
-def localize(model: nn.Module, data: DataBundle, cfg: ExperimentConfig) -> Dict[str, float]:
+def localize(features: Dict[str, Tensor], objects: Tensor, parts: Tensor) -> Dict[str, float]:
     """Pointing game and energy of the rationale and feature-norm maps vs masks.
 
     Args:
-        model: The model.
-        data: A bundle whose test split returns ``(image, label, object, part)``.
-        cfg: The experiment config.
+        features: Output of :func:`~lcr_lightly.eval.extract_features` with
+            ``return_maps=True`` (``"norm_map"`` and, for LCR models, ``"rationale_map"``).
+        objects: Object masks (N, H, W).
+        parts: Discriminative-part masks (N, H, W).
 
     Returns:
         Flat dict: ``{map}_{mask}_{metric}`` and the chance levels.
     """
-    from lcr_lightly.gradcam import FeatureCapture
-    from lcr_lightly.layers import find_feature_layer
-
-    backbone: Any = model.backbone
-    lcr = getattr(model, "common_rationale", None)
-    layer = lcr.capture.layer if lcr is not None else find_feature_layer(backbone)[1]
-    maps: Dict[str, List[Tensor]] = {"rationale": [], "norm": []}
-    objects, parts = [], []
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), FeatureCapture(layer, training_only=False, require_grad=False) as tap:
-        for images, _, obj, part in _loader(data.test_eval, cfg):
-            backbone(images.to(next(model.parameters()).device))
-            fmap = tap.maps[-1].float()
-            tap.clear()
-            maps["norm"].append(fmap.norm(dim=1).cpu())
-            if lcr is not None:
-                maps["rationale"].append(lcr.head.attention(fmap).cpu())
-            objects.append(obj)
-            parts.append(part)
-    model.train(was_training)
     out: Dict[str, float] = {}
-    for name, values in maps.items():
-        if not values:
+    for name in ("rationale", "norm"):
+        maps = features.get(f"{name}_map")
+        if maps is None:
             continue
         for mask_name, masks in (("object", objects), ("part", parts)):
-            rep = localization_report(torch.cat(values), torch.cat(masks))
+            rep = localization_report(maps, masks)
             out[f"{name}_{mask_name}_pointing"] = rep["pointing"]
             out[f"{name}_{mask_name}_energy"] = rep["energy"]
             out[f"chance_{mask_name}"] = rep["chance"]

@@ -33,7 +33,7 @@ from lcr_lightly.layers import (
     infer_channels,
     resolve_layer,
 )
-from lcr_lightly.losses import GradCAMFitLoss
+from lcr_lightly.losses import GradCAMFitLoss, _check_choice
 
 POOLING_MODES = ("gap", "rationale")
 VIEWS = ("all", "first")
@@ -67,11 +67,6 @@ class RationalePooling(LayerHook):
             return None
         pooled = owner.head.pool(features)
         return pooled.reshape(output.shape).to(output.dtype)
-
-
-def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    if value not in choices:
-        raise ValueError(f"Unknown {name}={value!r}; expected one of {tuple(choices)}.")
 
 
 class CommonRationale(nn.Module):

@@ -39,6 +39,7 @@ def extract_features(
     return_maps: bool = False,
     progress: bool = True,
     desc: str = "features",
+    extras: bool = False,
 ) -> Dict[str, Tensor]:
     """Runs a model in eval mode over a loader and collects its representations.
 
@@ -54,10 +55,13 @@ def extract_features(
         loader: Yields ``(images, labels, ...)``.
         poolings: Which of ``"gap"``, ``"rationale"`` and ``"norm"`` to return.
         device: Where to run; the model's device when None.
-        return_maps: Also return the rationale maps (B, h, w) under ``"rationale_map"``
-            and the per-position feature norm (B, h, w) under ``"norm_map"``.
+        return_maps: Also return the per-position feature norm (B, h, w) under
+            ``"norm_map"`` and, for a wrapped model, the rationale map under
+            ``"rationale_map"``.
         progress: Show a tqdm progress bar.
         desc: Progress bar label.
+        extras: Also return the batch items after images and labels (e.g. masks), stacked
+            under ``"extra0"``, ``"extra1"``, ...
 
     Returns:
         ``{"labels": (N,), "gap": (N, D), "rationale": (N, D), ...}`` on the CPU.
@@ -67,7 +71,7 @@ def extract_features(
         if mode not in valid:
             raise ValueError(f"Unknown pooling {mode!r}; expected one of {valid}.")
     lcr: Optional[CommonRationale] = getattr(model, "common_rationale", None)
-    if lcr is None and ("rationale" in poolings or return_maps):
+    if lcr is None and "rationale" in poolings:
         raise ValueError(
             f"{type(model).__name__} is not wrapped with with_common_rationale: only "
             "poolings=('gap',) is available."
@@ -87,19 +91,24 @@ def extract_features(
             training_only=False,
             require_grad=False,
         )
-    elif "norm" in poolings:
+    elif "norm" in poolings or return_maps:
         backbone = getattr(model, "backbone", model)
         tap = FeatureCapture(
             find_feature_layer(backbone)[1], training_only=False, require_grad=False
         )
     out: Dict[str, list] = {k: [] for k in ["labels", *poolings]}
     if return_maps:
-        out["rationale_map"], out["norm_map"] = [], []
+        out["norm_map"] = []
+        if lcr is not None:
+            out["rationale_map"] = []
     try:
         for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
             images, labels = batch[0].to(device), batch[1]
             gap = model(images).flatten(1)
             out["labels"].append(torch.as_tensor(labels).cpu())
+            if extras:
+                for k, item in enumerate(batch[2:]):
+                    out.setdefault(f"extra{k}", []).append(torch.as_tensor(item).cpu())
             if "gap" in poolings:
                 out["gap"].append(gap.float().cpu())
             fmap = tap.maps[-1] if tap is not None else None
@@ -107,6 +116,8 @@ def extract_features(
                 tap.clear()
             if fmap is not None and "norm" in poolings:
                 out["norm"].append(norm_pool(fmap).float().cpu())
+            if fmap is not None and return_maps:
+                out["norm_map"].append(fmap.float().norm(dim=1).cpu())
             if fmap is not None and lcr is not None:
                 if "rationale" in poolings:
                     if gap.shape[1] == fmap.shape[1]:
@@ -120,7 +131,6 @@ def extract_features(
                     out["rationale"].append(rat.float().cpu())
                 if return_maps:
                     out["rationale_map"].append(lcr.head.attention(fmap).float().cpu())
-                    out["norm_map"].append(fmap.float().norm(dim=1).cpu())
     finally:
         if tap is not None:
             tap.release()

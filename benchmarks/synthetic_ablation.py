@@ -65,6 +65,42 @@ STUDIES: Dict[str, Dict[str, Dict[str, Any]]] = {
 }
 
 METRICS = ("rank1", "rank5", "mAP", "knn", "linear")
+# Config fields that do not change what a run computes.
+_NOT_IN_KEY = ("out_dir", "progress")
+
+
+# Fields a run without LCR never reads.
+_LCR_ONLY = (
+    "k", "weight", "tau", "target", "head", "direction", "detach_target", "reduction",
+    "official_loss", "detach_features", "gradcam_mode", "views", "pool_in_training",
+    "normalize", "head_hidden",
+)  # fmt: skip
+
+
+def run_key(config: Dict[str, Any]) -> str:
+    """What identifies a run's result.
+
+    The config without output folder and progress bar, and without the LCR options when
+    LCR is off (a baseline is the same run whatever they say).
+    """
+    unused = _NOT_IN_KEY + (_LCR_ONLY if not config.get("lcr", True) else ())
+    return json.dumps({k: v for k, v in config.items() if k not in unused}, sort_keys=True)
+
+
+def finished_runs(root: Path) -> Dict[str, Path]:
+    """``run_key -> results.json`` for every finished run under ``root``.
+
+    A run is reused only when its whole config (seed, method, every loss option, budget,
+    init file) equals the requested one, whichever study produced it, so adding seeds to a
+    study or re-running an interrupted one trains only what is missing.
+    """
+    found: Dict[str, Path] = {}
+    for path in sorted(root.glob("**/results.json")):
+        try:
+            found[run_key(json.loads(path.read_text())["config"])] = path
+        except (OSError, ValueError, KeyError):
+            continue
+    return found
 
 
 def summarize(per_seed: List[Dict[str, Any]]) -> Dict[str, Dict[str, List[float]]]:
@@ -114,6 +150,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="run only these variants")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--tag", default="", help="suffix of the result files")
+    parser.add_argument(
+        "--rerun", action="store_true", help="train every run even if an identical one finished"
+    )
     args = parser.parse_args()
 
     base = demo_config("outputs/ablation", progress=False)
@@ -121,13 +160,15 @@ def main() -> None:
         base = replace(base, **yaml.safe_load(args.config.read_text()))
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     base = replace(base, **overrides)
-    base = replace(base, weights=ensure_init(base.weights, Path("outputs"), progress=False))
+    if "weights" not in overrides:  # the shipped init, or one trained on the generic set
+        base = replace(base, weights=ensure_init(base.weights, Path("outputs"), progress=False))
     data = make_data(base)
     variants = STUDIES[args.study]
     if args.only:
         variants = {k: v for k, v in variants.items() if k in args.only}
     rows: Dict[str, Dict[str, Dict[str, List[float]]]] = {}
     raw: Dict[str, List[Dict[str, Any]]] = {}
+    cache = {} if args.rerun else finished_runs(Path("outputs/ablation"))
     start = time.time()
     for name, changes in variants.items():
         per_seed = []
@@ -135,15 +176,17 @@ def main() -> None:
             cfg: ExperimentConfig = replace(
                 base, seed=seed, out_dir=f"outputs/ablation/{args.study}/{name}/{seed}", **changes
             )
-            if cfg.method != base.method:
-                cfg = replace(cfg, min_scale=base.min_scale)
-                data_used = make_data(cfg)
+            cached = cache.get(run_key(cfg.to_dict()))
+            if cached is not None:
+                res = json.loads(cached.read_text())["results"]
+                origin = f" (reused {cached.parent})"
             else:
-                data_used = data
-            res = run(cfg, data_used)["results"]
+                data_used = make_data(cfg) if cfg.method != base.method else data
+                res = run(cfg, data_used)["results"]
+                origin = ""
             per_seed.append(res)
             print(
-                f"[{time.time() - start:6.0f}s] {name} seed {seed}: "
+                f"[{time.time() - start:6.0f}s] {name} seed {seed}{origin}: "
                 + ", ".join(
                     f"{p}/rank1={100 * r['rank1']:.1f}" for p, r in res.items() if "rank1" in r
                 ),

@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end on tiny budgets."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,60 @@ def test_overhead_script_runs_on_cpu():
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "| simsiam |" in res.stdout and "relative to hand-written" in res.stdout
+
+
+def test_precision_checks_script_on_cpu():
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks/precision_checks.py"),
+            "--device",
+            "cpu",
+            "--image-size",
+            "64",
+            "--batch-size",
+            "4",
+            "--steps",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    for precision, dtype in (("fp32", "float32"), ("bf16", "bfloat16"), ("fp16", "float16")):
+        assert f"| {precision} | float32 / {dtype} / float32 |" in res.stdout
+    assert "all checks passed" in res.stdout
+
+
+def test_ablation_study_reuses_finished_runs(tmp_path):
+    def study(*extra):
+        return subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "benchmarks/synthetic_ablation.py"),
+                "--study",
+                "main",
+                "--out",
+                str(tmp_path / "results"),
+                "--set",
+                *TINY,
+                "num_classes=3",
+                "images_per_class=4",
+                "test_images_per_class=3",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
+
+    first = study("--seeds", "0")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "reused" not in first.stdout
+    runs = json.loads((tmp_path / "results/main.json").read_text())["runs"]
+    assert set(runs) == {"baseline (no LCR)", "LCR default"}
+    second = study("--seeds", "0", "1")  # seed 0 of both variants comes from the first call
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert second.stdout.count("seed 0 (reused") == 2 and "seed 1 (reused" not in second.stdout
+    again = json.loads((tmp_path / "results/main.json").read_text())["runs"]
+    assert all(again[name][0] == runs[name][0] and len(again[name]) == 2 for name in runs)

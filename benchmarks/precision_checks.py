@@ -1,0 +1,178 @@
+"""Mixed precision and memory checks of a wrapped model: fp32 vs bf16 vs fp16 + GradScaler.
+
+    python benchmarks/precision_checks.py --device cuda   # ResNet-50, 224 px, batch 64
+    python benchmarks/precision_checks.py --device cpu    # ResNet-18, 64 px, batch 8
+
+For each precision, starting from the same weights and the same two-view batch:
+
+1. one wrapped MoCo v2 training step under ``torch.autocast``: the dtypes of the GradCAM
+   target and of the head map that enter the KL (both must be float32), the SSL loss and
+   the KL term, and their relative error against fp32;
+2. ``--steps`` optimiser steps (``torch.amp.GradScaler`` for fp16): every loss finite,
+   how many steps the scaler skipped, its final scale;
+3. on CUDA, peak allocated memory over steps 10-20 and over the last 10 steps: equal
+   peaks mean the captured feature maps are freed every step.
+
+Prints a Markdown table and exits with status 1 if a check fails (tolerances are
+options). Data are random tensors: the checks concern numerics, not accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from typing import Any, Dict, List, Optional
+
+import torch
+from overhead import make
+from torch import Tensor, nn
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Spy:
+    """Records the SSL loss and KL term of each step, and the dtypes entering the KL.
+
+    The dtypes are the GradCAM target's, the head map's (autocast's dtype: the 1x1 conv
+    runs in low precision like the backbone) and the KL's.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.ssl: List[float] = []
+        self.kl: List[float] = []
+        self.dtypes: List[str] = []
+        lcr = model.common_rationale
+        kl_term, fit = lcr.kl_term, lcr.loss_fn.forward
+
+        def kl_spy(loss: Tensor, **kw: Any) -> Optional[Tensor]:
+            out = kl_term(loss, **kw)
+            self.ssl.append(float(loss.detach()))
+            self.kl.append(float("nan") if out is None else float(out))
+            return out
+
+        def fit_spy(head_map: Tensor, cam: Tensor) -> Tensor:
+            out = fit(head_map, cam)
+            self.dtypes.append(" / ".join(str(t.dtype)[6:] for t in (cam, head_map, out)))
+            return out
+
+        lcr.kl_term, lcr.loss_fn.forward = kl_spy, fit_spy
+
+
+def check(precision: str, args: argparse.Namespace, views: List[Tensor]) -> Dict[str, Any]:
+    """Runs the checks of one precision; returns the measured values."""
+    device = args.device
+    model = make("mocov2", args.backbone, args.batch_size, True, device)
+    spy = Spy(model)
+    dtype = DTYPES[precision]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9)
+    scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
+    labels = torch.zeros(len(views[0]), dtype=torch.long, device=device)
+    totals: List[float] = []
+    skipped = 0
+    early_peak = late_peak = float("nan")
+    for step in range(args.steps):
+        if device == "cuda" and step in (10, 20, args.steps - 10):
+            torch.cuda.synchronize()
+            if step == 20:
+                early_peak = torch.cuda.max_memory_allocated() / 2**20
+            if step in (10, args.steps - 10):
+                torch.cuda.reset_peak_memory_stats()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+            total = model.training_step((views, labels), 0)
+        totals.append(float(total))
+        scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+        scaler.scale(total).backward()
+        scaler.step(opt)
+        scaler.update()
+        if scaler.is_enabled() and scaler.get_scale() < scale:
+            skipped += 1  # the scaler found inf/nan gradients and skipped this step
+    if device == "cuda":
+        torch.cuda.synchronize()
+        late_peak = torch.cuda.max_memory_allocated() / 2**20
+    finite = all(torch.isfinite(torch.tensor(totals)).tolist())
+    return {
+        "dtypes": sorted(set(spy.dtypes)),
+        "ssl0": spy.ssl[0],
+        "kl0": spy.kl[0],
+        "finite": finite,
+        "skipped": skipped,
+        "scale": scaler.get_scale() if scaler.is_enabled() else None,
+        "early_peak": early_peak,
+        "late_peak": late_peak,
+    }
+
+
+def relative_error(value: float, reference: float) -> float:
+    """``|value - reference| / |reference|`` (the absolute error when the reference is 0)."""
+    return abs(value - reference) / (abs(reference) or 1.0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backbone", default=None)
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--precisions", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--loss-rtol", type=float, default=0.02, help="SSL loss vs fp32")
+    parser.add_argument("--kl-rtol", type=float, default=0.10, help="KL term vs fp32")
+    parser.add_argument("--memory-atol-mib", type=float, default=1.0)
+    args = parser.parse_args()
+    cuda = args.device == "cuda"
+    args.backbone = args.backbone or ("resnet50" if cuda else "resnet18")
+    args.image_size = args.image_size or (224 if cuda else 64)
+    args.batch_size = args.batch_size or (64 if cuda else 8)
+    if cuda and args.steps < 30:
+        parser.error("--steps must be at least 30 on CUDA (two 10-step memory windows)")
+    name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
+    print(
+        f"device={args.device} ({name}) torch={torch.__version__} backbone={args.backbone} "
+        f"image={args.image_size}px batch={args.batch_size} steps={args.steps} "
+        f"tolerances: loss rtol {args.loss_rtol}, KL rtol {args.kl_rtol}"
+    )
+    gen = torch.Generator().manual_seed(0)
+    views = [
+        torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen).to(
+            args.device
+        )
+        for _ in range(2)
+    ]
+    results = {p: check(p, args, views) for p in args.precisions}
+    ref = results.get("fp32")
+    failures: List[str] = []
+    print(
+        "\n| precision | dtype: GradCAM / head map / KL | SSL loss (step 0) | KL (step 0) | "
+        "loss rel. err. vs fp32 | KL rel. err. vs fp32 | all losses finite | scaler skips / "
+        "final scale | peak MiB steps 10-20 / last 10 |"
+    )
+    print("|---|---|---:|---:|---:|---:|---|---|---|")
+    for p, r in results.items():
+        loss_err = relative_error(r["ssl0"], ref["ssl0"]) if ref else float("nan")
+        kl_err = relative_error(r["kl0"], ref["kl0"]) if ref else float("nan")
+        scaler = f"{r['skipped']} / {r['scale']:.0f}" if r["scale"] is not None else "–"
+        memory = f"{r['early_peak']:.0f} / {r['late_peak']:.0f}" if cuda else "– (CPU)"
+        print(
+            f"| {p} | {', '.join(r['dtypes'])} | {r['ssl0']:.4f} | {r['kl0']:.4f} | "
+            f"{loss_err:.4f} | {kl_err:.4f} | {r['finite']} | {scaler} | {memory} |"
+        )
+        if any(not (d.startswith("float32") and d.endswith("float32")) for d in r["dtypes"]):
+            failures.append(f"{p}: GradCAM or KL not in float32: {r['dtypes']}")
+        if not r["finite"]:
+            failures.append(f"{p}: a training loss was not finite")
+        if loss_err > args.loss_rtol:
+            failures.append(f"{p}: SSL loss differs from fp32 by {loss_err:.4f}")
+        if kl_err > args.kl_rtol:
+            failures.append(f"{p}: KL term differs from fp32 by {kl_err:.4f}")
+        if cuda and abs(r["late_peak"] - r["early_peak"]) > args.memory_atol_mib:
+            failures.append(f"{p}: peak memory grew from {r['early_peak']:.1f} MiB")
+    print("\n" + ("\n".join(f"FAIL {f}" for f in failures) if failures else "all checks passed"))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

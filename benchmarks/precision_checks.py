@@ -5,11 +5,11 @@
 
 For each precision, starting from the same weights and the same two-view batch:
 
-1. one wrapped MoCo v2 training step under ``torch.autocast``: the dtypes of the GradCAM
-   target and of the head map that enter the KL (both must be float32), the SSL loss and
-   the KL term, and their relative error against fp32;
-2. ``--steps`` optimiser steps (``torch.amp.GradScaler`` for fp16): every loss finite,
-   how many steps the scaler skipped, its final scale;
+1. the first wrapped MoCo v2 training step under ``torch.autocast``: the dtypes of the
+   GradCAM target and of the KL (must be float32) and of the head map (autocast's), the
+   SSL loss and the KL term, and their relative error against fp32;
+2. ``--steps`` optimiser steps (200 on CUDA, 20 on CPU; ``torch.amp.GradScaler`` for
+   fp16): every loss finite, how many steps the scaler skipped, its final scale;
 3. on CUDA, peak allocated memory over steps 10-20 and over the last 10 steps: equal
    peaks mean the captured feature maps are freed every step.
 
@@ -117,7 +117,7 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--precisions", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=None, help="200 on CUDA, 20 on CPU")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--loss-rtol", type=float, default=0.02, help="SSL loss vs fp32")
     parser.add_argument("--kl-rtol", type=float, default=0.10, help="KL term vs fp32")
@@ -127,6 +127,7 @@ def main() -> int:
     args.backbone = args.backbone or ("resnet50" if cuda else "resnet18")
     args.image_size = args.image_size or (224 if cuda else 64)
     args.batch_size = args.batch_size or (64 if cuda else 8)
+    args.steps = args.steps or (200 if cuda else 20)
     if cuda and args.steps < 30:
         parser.error("--steps must be at least 30 on CUDA (two 10-step memory windows)")
     name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()

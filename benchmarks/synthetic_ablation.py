@@ -50,8 +50,14 @@ STUDIES: Dict[str, Dict[str, Dict[str, Any]]] = {
         "official preset (nu=0.01, sum, views=first)": {"official_loss": True, "views": "first"},
     },
     "loss": LOSS_VARIANTS,
-    "k": {f"K={k}": {"k": k} for k in (1, 4, 8, 16, 32, 64)},
-    "weight": {f"nu={w}": {"weight": w} for w in (1.0, 0.1, 0.01, 0.001)},
+    "k": {
+        "baseline (no LCR)": {"lcr": False},
+        **{f"K={k}": {"k": k} for k in (1, 4, 8, 16, 32, 64)},
+    },
+    "weight": {
+        "baseline (no LCR)": {"lcr": False},
+        **{f"nu={w}": {"weight": w} for w in (1.0, 0.1, 0.01, 0.001)},
+    },
     "lr": {
         f"{'LCR' if lcr else 'baseline'} lr={lr}": {"lr": lr, "lcr": lcr}
         for lr in (0.003, 0.03, 0.3)
@@ -141,6 +147,62 @@ def table(rows: Dict[str, Dict[str, Dict[str, List[float]]]]) -> str:
     return "\n".join(lines)
 
 
+def references(study: str, names: List[str]) -> Dict[str, str]:
+    """``variant -> baseline variant`` it is compared with, seed by seed.
+
+    ``methods``: ``"byol + LCR"`` against ``"byol"``; ``lr``: ``"LCR lr=x"`` against
+    ``"baseline lr=x"``; every other study: against ``"baseline (no LCR)"``. A baseline
+    maps to itself (its non-GAP poolings are compared with its GAP).
+    """
+    out: Dict[str, str] = {}
+    for name in names:
+        if study == "methods":
+            ref = name.replace(" + LCR", "")
+        elif study == "lr":
+            ref = name.replace("LCR", "baseline")
+        else:
+            ref = "baseline (no LCR)"
+        if ref in names:
+            out[name] = ref
+    return out
+
+
+def paired_table(rows: Dict[str, Dict[str, Dict[str, List[float]]]], pairs: Dict[str, str]) -> str:
+    """Markdown: per-seed differences of each variant against its baseline's GAP row.
+
+    Seeds are paired (same data order and initialisation), which removes most of the
+    seed-to-seed spread that the unpaired table shows. A baseline's own other poolings
+    are included (e.g. parameter-free feature-norm pooling). Cells: mean +- std of the
+    difference in points, and on how many seeds it is positive.
+    """
+    lines = [
+        "| variant | pooling | baseline | " + " | ".join(METRICS) + " |",
+        "|---|---|---|" + "---:|" * len(METRICS),
+    ]
+    for variant, ref in pairs.items():
+        if variant not in rows or ref not in rows:
+            continue
+        reference = rows[ref]["gap"]
+        for pooling in ("gap", "rationale", "norm"):
+            if variant == ref and pooling == "gap":
+                continue
+            res = rows[variant].get(pooling)
+            if res is None or len(res["rank1"]) != len(reference["rank1"]):
+                continue
+            cells = []
+            for key in METRICS:
+                diffs = [100 * (a - b) for a, b in zip(res[key], reference[key])]
+                m, sd = mean_std(diffs)
+                wins = sum(d > 0 for d in diffs)
+                cells.append(f"{m:+.1f} ± {sd:.1f} ({wins}/{len(diffs)})")
+            lines.append(f"| {variant} | {pooling} | {ref}, GAP | " + " | ".join(cells) + " |")
+    title = (
+        "\n\nPaired per-seed differences against the baseline's GAP row, in points "
+        "(mean ± std; in brackets: seeds with a positive difference).\n\n"
+    )
+    return title + "\n".join(lines) if len(lines) > 2 else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--study", choices=sorted(STUDIES), required=True)
@@ -208,11 +270,12 @@ def main() -> None:
             "kNN / linear: train split -> test split. Pointing: argmax of the map inside the "
             "mask (test split).\n\n"
         )
-        stem.with_suffix(".md").write_text(header + table(rows) + "\n")
+        paired = paired_table(rows, references(args.study, list(variants)))
+        stem.with_suffix(".md").write_text(header + table(rows) + paired + "\n")
         stem.with_suffix(".json").write_text(
             json.dumps({"base": base.to_dict(), "runs": raw}, indent=2)
         )
-    print(table(rows))
+    print(table(rows) + paired_table(rows, references(args.study, list(variants))))
 
 
 if __name__ == "__main__":

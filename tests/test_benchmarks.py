@@ -164,3 +164,13 @@ def test_ablation_study_reuses_finished_runs(tmp_path):
     assert second.stdout.count("seed 0 (reused") == 2 and "seed 1 (reused" not in second.stdout
     again = json.loads((tmp_path / "results/main.json").read_text())["runs"]
     assert all(again[name][0] == runs[name][0] and len(again[name]) == 2 for name in runs)
+    # the paired table subtracts the baseline's GAP metrics seed by seed
+    text = (tmp_path / "results/main.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| LCR default | gap | base"))
+    diffs = [
+        100 * (again["LCR default"][i]["gap"]["mAP"] - again["baseline (no LCR)"][i]["gap"]["mAP"])
+        for i in range(2)
+    ]
+    mean = sum(diffs) / 2
+    cell = row.split(" | ")[5]  # variant, pooling, baseline, rank1, rank5, mAP
+    assert cell.startswith(f"{mean:+.1f} ± ") and cell.endswith(f"({sum(d > 0 for d in diffs)}/2)")

@@ -193,12 +193,12 @@ def paired_table(rows: Dict[str, Dict[str, Dict[str, List[float]]]], pairs: Dict
             for key in METRICS:
                 diffs = [100 * (a - b) for a, b in zip(res[key], reference[key])]
                 m, sd = mean_std(diffs)
-                wins = sum(d > 0 for d in diffs)
+                wins = sum(d > 1e-6 for d in diffs)  # not float summation-order noise
                 cells.append(f"{m:+.1f} ± {sd:.1f} ({wins}/{len(diffs)})")
             lines.append(f"| {variant} | {pooling} | {ref}, GAP | " + " | ".join(cells) + " |")
     title = (
         "\n\nPaired per-seed differences against the baseline's GAP row, in points "
-        "(mean ± std; in brackets: seeds with a positive difference).\n\n"
+        "(mean ± std; in brackets: seeds with a difference above zero).\n\n"
     )
     return title + "\n".join(lines) if len(lines) > 2 else ""
 

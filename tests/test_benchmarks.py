@@ -173,4 +173,6 @@ def test_ablation_study_reuses_finished_runs(tmp_path):
     ]
     mean = sum(diffs) / 2
     cell = row.split(" | ")[5]  # variant, pooling, baseline, rank1, rank5, mAP
-    assert cell.startswith(f"{mean:+.1f} ± ") and cell.endswith(f"({sum(d > 0 for d in diffs)}/2)")
+    assert cell.startswith(f"{mean:+.1f} ± ") and cell.endswith(
+        f"({sum(d > 1e-6 for d in diffs)}/2)"
+    )

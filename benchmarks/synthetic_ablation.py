@@ -246,6 +246,8 @@ def main() -> None:
                 data_used = make_data(cfg) if cfg.method != base.method else data
                 res = run(cfg, data_used)["results"]
                 origin = ""
+                if not args.rerun:  # a later variant of this study may be the same run
+                    cache[run_key(cfg.to_dict())] = Path(cfg.out_dir) / "results.json"
             per_seed.append(res)
             print(
                 f"[{time.time() - start:6.0f}s] {name} seed {seed}{origin}: "

@@ -7,7 +7,8 @@ For each precision, starting from the same weights and the same two-view batch:
 
 1. the first wrapped MoCo v2 training step under ``torch.autocast``: the dtypes of the
    GradCAM target and of the KL (must be float32) and of the head map (autocast's), the
-   SSL loss and the KL term, and their relative error against fp32;
+   SSL loss, the GradCAM map and the KL term, and their relative error against fp32
+   (the GradCAM is computed in float32 but from the low-precision backward's gradients);
 2. ``--steps`` optimiser steps (200 on CUDA, 20 on CPU; ``torch.amp.GradScaler`` for
    fp16): every loss finite, how many steps the scaler skipped, its final scale;
 3. on CUDA, peak allocated memory over steps 10-20 and over the last 10 steps: equal
@@ -42,18 +43,21 @@ class Spy:
         self.ssl: List[float] = []
         self.kl: List[float] = []
         self.dtypes: List[str] = []
+        self.cams: List[Tensor] = []
         lcr = model.common_rationale
         kl_term, fit = lcr.kl_term, lcr.loss_fn.forward
 
         def kl_spy(loss: Tensor, **kw: Any) -> Optional[Tensor]:
             out = kl_term(loss, **kw)
             self.ssl.append(float(loss.detach()))
-            self.kl.append(float("nan") if out is None else float(out))
+            self.kl.append(float("nan") if out is None else float(out.detach()))
             return out
 
         def fit_spy(head_map: Tensor, cam: Tensor) -> Tensor:
             out = fit(head_map, cam)
             self.dtypes.append(" / ".join(str(t.dtype)[6:] for t in (cam, head_map, out)))
+            if not self.cams:
+                self.cams.append(cam.detach().float().cpu())
             return out
 
         lcr.kl_term, lcr.loss_fn.forward = kl_spy, fit_spy
@@ -97,6 +101,7 @@ def check(precision: str, args: argparse.Namespace, views: List[Tensor]) -> Dict
         "dtypes": sorted(set(spy.dtypes)),
         "ssl0": spy.ssl[0],
         "kl0": spy.kl[0],
+        "cam0": spy.cams[0],
         "finite": finite,
         "skipped": skipped,
         "scale": scaler.get_scale() if scaler.is_enabled() else None,
@@ -120,7 +125,13 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="200 on CUDA, 20 on CPU")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--loss-rtol", type=float, default=0.02, help="SSL loss vs fp32")
-    parser.add_argument("--kl-rtol", type=float, default=0.10, help="KL term vs fp32")
+    parser.add_argument(
+        "--kl-rtol",
+        type=float,
+        default=0.15,
+        help="KL term vs fp32; GradCAM comes from the low-precision backward, whose "
+        "gradients differ from fp32 by several percent (measured: ~9 %% for bf16)",
+    )
     parser.add_argument("--memory-atol-mib", type=float, default=1.0)
     args = parser.parse_args()
     cuda = args.device == "cuda"
@@ -148,18 +159,23 @@ def main() -> int:
     failures: List[str] = []
     print(
         "\n| precision | dtype: GradCAM / head map / KL | SSL loss (step 0) | KL (step 0) | "
-        "loss rel. err. vs fp32 | KL rel. err. vs fp32 | all losses finite | scaler skips / "
-        "final scale | peak MiB steps 10-20 / last 10 |"
+        "loss rel. err. vs fp32 | GradCAM rel. L2 err. vs fp32 | KL rel. err. vs fp32 | "
+        "all losses finite | scaler skips / final scale | peak MiB steps 10-20 / last 10 |"
     )
-    print("|---|---|---:|---:|---:|---:|---|---|---|")
+    print("|---|---|---:|---:|---:|---:|---:|---|---|---|")
     for p, r in results.items():
         loss_err = relative_error(r["ssl0"], ref["ssl0"]) if ref else float("nan")
         kl_err = relative_error(r["kl0"], ref["kl0"]) if ref else float("nan")
+        cam_err = (
+            float((r["cam0"] - ref["cam0"]).norm() / ref["cam0"].norm().clamp_min(1e-12))
+            if ref
+            else float("nan")
+        )
         scaler = f"{r['skipped']} / {r['scale']:.0f}" if r["scale"] is not None else "–"
         memory = f"{r['early_peak']:.0f} / {r['late_peak']:.0f}" if cuda else "– (CPU)"
         print(
             f"| {p} | {', '.join(r['dtypes'])} | {r['ssl0']:.4f} | {r['kl0']:.4f} | "
-            f"{loss_err:.4f} | {kl_err:.4f} | {r['finite']} | {scaler} | {memory} |"
+            f"{loss_err:.4f} | {cam_err:.4f} | {kl_err:.4f} | {r['finite']} | {scaler} | {memory} |"
         )
         if any(not (d.startswith("float32") and d.endswith("float32")) for d in r["dtypes"]):
             failures.append(f"{p}: GradCAM or KL not in float32: {r['dtypes']}")

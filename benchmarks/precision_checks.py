@@ -86,7 +86,7 @@ def check(precision: str, args: argparse.Namespace, views: List[Tensor]) -> Dict
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
             total = model.training_step((views, labels), 0)
-        totals.append(float(total))
+        totals.append(float(total.detach()))
         scale = scaler.get_scale() if scaler.is_enabled() else 1.0
         scaler.scale(total).backward()
         scaler.step(opt)

@@ -128,6 +128,25 @@ class FeatureCapture(LayerHook):
         return {"_handle": None, "outputs": []}
 
 
+# Initial loss scale for float16 maps (GradScaler's default initial scale).
+FP16_LOSS_SCALE = 2.0**16
+
+
+def _fp16_autocast(device_type: str) -> bool:
+    """Whether float16 autocast is active for this device type."""
+    try:
+        return bool(
+            torch.is_autocast_enabled(device_type)
+            and torch.get_autocast_dtype(device_type) == torch.float16
+        )
+    except (TypeError, AttributeError):  # torch < 2.4: CUDA-only query
+        return bool(
+            device_type == "cuda"
+            and torch.is_autocast_enabled()
+            and torch.get_autocast_gpu_dtype() == torch.float16
+        )
+
+
 def gradcam(
     loss: Tensor,
     maps: Union[Tensor, Sequence[Tensor]],
@@ -135,6 +154,7 @@ def gradcam(
     retain_graph: bool = True,
     allow_unused: bool = False,
     reshape: Optional[Reshape] = None,
+    loss_scale: Optional[float] = None,
 ) -> List[Optional[Tensor]]:
     """GradCAM of a scalar loss with respect to feature maps.
 
@@ -154,6 +174,12 @@ def gradcam(
         reshape: For layers whose output is not a map (ViT tokens): the gradient is
             taken w.r.t. the raw outputs given in ``maps`` and both the output and its
             gradient are turned into (B, C, H, W) maps by this callable.
+        loss_scale: Multiplies the loss before differentiating and divides the
+            gradient after (as ``GradScaler`` does for the main backward). None: 2**16
+            when a map is float16 or float16 autocast is on (small gradients otherwise
+            underflow to zero in the fp16 backward through the heads), else 1. While
+            a scaled gradient is not finite the scale is divided by 256 and the
+            gradient recomputed (one device sync per try; only on this fp16 path).
 
     Returns:
         One GradCAM map (B, H, W) in float32 per input map (None for unused maps when
@@ -169,7 +195,21 @@ def gradcam(
     maps = [maps] if isinstance(maps, Tensor) else list(maps)
     if not maps:
         return []
-    grads = torch.autograd.grad(loss, maps, retain_graph=retain_graph, allow_unused=True)
+    scale = loss_scale
+    if scale is None:
+        fp16 = any(m.dtype == torch.float16 for m in maps) or _fp16_autocast(loss.device.type)
+        scale = FP16_LOSS_SCALE if fp16 else 1.0
+    while True:
+        last = scale <= 1.0 or loss_scale is not None
+        grads = torch.autograd.grad(
+            loss * scale if scale != 1.0 else loss,
+            maps,
+            retain_graph=retain_graph or not last,
+            allow_unused=True,
+        )
+        if last or all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+            break
+        scale = max(scale / 256.0, 1.0)  # overflow in the scaled fp16 backward: retry
     cams: List[Optional[Tensor]] = []
     for feature, grad in zip(maps, grads):
         if grad is None and allow_unused:
@@ -183,6 +223,8 @@ def gradcam(
         if reshape is not None:
             feature, grad = reshape(feature), reshape(grad)
         f32, g32 = feature.float(), grad.float()
+        if scale != 1.0:
+            g32 = g32 / scale
         if mode == "channel":
             g32 = g32.mean(dim=(2, 3), keepdim=True)
         cams.append(torch.relu((f32 * g32).sum(dim=1)))

@@ -111,3 +111,21 @@ def test_capture_with_reshape_records_token_maps():
     capture = FeatureCapture(layer, reshape=lambda t: tokens_to_map(t, 1))
     layer(torch.randn(2, 10, 3))
     assert capture.maps[0].shape == (2, 3, 3, 3)
+
+
+@pytest.mark.parametrize("factor", [1e-8, 10.0])
+def test_float16_maps_neither_underflow_nor_overflow(factor):
+    """fp16 gradients of 1e-8 underflow to 0 and of 10 * 2**16 overflow, unless scaled."""
+    torch.manual_seed(0)
+    leaf = torch.rand(2, 4, 3, 3, dtype=torch.float16, requires_grad=True)
+    feature = leaf * 1.0  # an fp16 map inside the graph, as under autocast
+    loss = (feature.float() * factor).sum()
+    expected = torch.relu((feature.detach().float() * factor).sum(dim=1))
+    if factor < 1:  # the plain fp16 gradient underflows: the GradCAM would be all zeros
+        assert (torch.autograd.grad(loss, feature, retain_graph=True)[0] == 0).all()
+        assert (gradcam(loss, [feature], loss_scale=1.0)[0] == 0).all()
+    else:  # the default first scale overflows: gradcam must retry with a smaller one
+        scaled = torch.autograd.grad(loss * 2**16, feature, retain_graph=True)[0]
+        assert not torch.isfinite(scaled).all()
+    (cam,) = gradcam(loss, [feature])
+    torch.testing.assert_close(cam, expected, rtol=2e-3, atol=0)

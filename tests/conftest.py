@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
 import pytorch_lightning as pl
@@ -100,3 +100,15 @@ def quiet_trainer(**kwargs: Any) -> pl.Trainer:
 
 def loader(n: int = 16, batch_size: int = 8, size: int = 32) -> DataLoader:
     return DataLoader(TwoViews(n=n, size=size), batch_size=batch_size)
+
+
+@pytest.fixture(scope="session")
+def tiny_init(tmp_path_factory: pytest.TempPathFactory) -> Tuple[str, Dict[str, float]]:
+    """A generic-set initialisation of the tiny ResNet (path, training summary), made once."""
+    from lcr_lightly.pipeline import pretrain_generic_init
+
+    path = str(tmp_path_factory.mktemp("init") / "init.pth")
+    result = pretrain_generic_init(
+        path, widths=(8, 8, 16, 16), image_size=32, images_per_class=4, epochs=1, progress=False
+    )
+    return path, result

@@ -3,23 +3,13 @@
 import json
 
 from lcr_lightly.demo import run_demo
-from lcr_lightly.pipeline import pretrain_generic_init
 
 
-def test_run_demo_writes_tables_figure_and_checkpoints(tmp_path, capsys):
-    init = tmp_path / "init.pth"
-    pretrain_generic_init(
-        str(init),
-        widths=(8, 8, 16, 16),
-        image_size=32,
-        images_per_class=4,
-        epochs=1,
-        progress=False,
-    )
+def test_run_demo_writes_tables_figure_and_checkpoints(tmp_path, capsys, tiny_init):
     out = tmp_path / "demo"
     summary = run_demo(
         out_dir=str(out),
-        init=str(init),
+        init=tiny_init[0],
         progress=False,
         widths=[8, 8, 16, 16],
         image_size=32,

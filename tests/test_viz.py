@@ -17,12 +17,23 @@ from tests.conftest import ToySiamese, two_view_batch
 def test_ssl_gradcam_has_no_side_effects_and_matches_manual():
     torch.manual_seed(0)
     model = with_common_rationale(ToySiamese(), k=4)
-    views, _ = two_view_batch(4)
+    views, labels = two_view_batch(4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cams = ssl_gradcam(model, views)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert cams.shape == (4, 4, 4) and torch.allclose(cams.flatten(1).amax(1), torch.ones(4))
     assert model.common_rationale.capture.maps == []
+    # Manual: the unwrapped model's SSL loss, its gradient at layer4's first output.
+    reference = ToySiamese()
+    reference.load_state_dict(
+        {k: v for k, v in before.items() if not k.startswith("common_rationale.")}
+    )
+    outputs = []
+    reference.backbone.layer4.register_forward_hook(lambda m, a, out: outputs.append(out))
+    loss = ToySiamese.training_step(reference, (views, labels), 0)
+    (grad,) = torch.autograd.grad(loss, outputs[0])
+    cam = (outputs[0] * grad).sum(1).clamp(min=0).detach()
+    expected = cam / cam.flatten(1).amax(1)[:, None, None]
+    torch.testing.assert_close(cams, expected)
 
 
 def test_figures_and_pruning(tmp_path):

@@ -25,6 +25,19 @@ def _all_forward_hooks(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) for m in model.modules())
 
 
+def _expected_total(unwrapped, head, batch, weight):
+    """SSL loss + weight * mean KL over both views, computed without the wrapper."""
+    with FeatureCapture(unwrapped.backbone.layer4) as capture:
+        ssl = ToySiamese.training_step(unwrapped, batch, 0)
+        maps = list(capture.maps)
+    cams = [
+        torch.relu((f * g).sum(1))
+        for f, g in zip(maps, torch.autograd.grad(ssl, maps, retain_graph=True))
+    ]
+    kls = [GradCAMFitLoss()(head(f), c) for f, c in zip(maps, cams)]
+    return ssl + weight * (kls[0] + kls[1]) / 2
+
+
 def test_total_loss_is_ssl_plus_weighted_kl_exactly(toy):
     batch = two_view_batch()
     weight = 0.37
@@ -32,15 +45,7 @@ def test_total_loss_is_ssl_plus_weighted_kl_exactly(toy):
     reference = copy.deepcopy(toy)
     model = with_common_rationale(toy, k=4, weight=weight)
     head = copy.deepcopy(model.common_rationale.head)
-    with FeatureCapture(reference.backbone.layer4) as capture:
-        ssl = ToySiamese.training_step(reference, batch, 0)
-        maps = list(capture.maps)
-    cams = [
-        torch.relu((f * g).sum(1))
-        for f, g in zip(maps, torch.autograd.grad(ssl, maps, retain_graph=True))
-    ]
-    kls = [GradCAMFitLoss()(head(f), c) for f, c in zip(maps, cams)]
-    expected = ssl + weight * (kls[0] + kls[1]) / 2
+    expected = _expected_total(reference, head, batch, weight)
     total = model.training_step(batch, 0)
     torch.testing.assert_close(total, expected, rtol=0, atol=1e-6)
     assert isinstance(model, ToySiamese) and isinstance(model.common_rationale, CommonRationale)
@@ -195,15 +200,21 @@ def test_head_is_added_to_explicit_param_groups_and_scheduler_still_works(toy):
     assert not torch.equal(head_before, model.common_rationale.head.conv.weight)
 
 
-def test_dict_output_with_loss(toy):
+def test_dict_output_gets_the_kl_term_and_keeps_other_keys():
     class DictOut(ToySiamese):
         def training_step(self, batch, batch_idx):
             return {"loss": super().training_step(batch, batch_idx), "extra": 1}
 
     torch.manual_seed(0)
-    model = with_common_rationale(DictOut(), k=4)
-    out = model.training_step(two_view_batch(), 0)
-    assert set(out) == {"loss", "extra"} and out["loss"].dim() == 0
+    model = DictOut()
+    reference = copy.deepcopy(model)
+    with_common_rationale(model, k=4, weight=0.37)
+    head = copy.deepcopy(model.common_rationale.head)
+    batch = two_view_batch()
+    out = model.training_step(batch, 0)
+    assert set(out) == {"loss", "extra"} and out["extra"] == 1
+    expected = _expected_total(reference, head, batch, 0.37)
+    torch.testing.assert_close(out["loss"], expected, rtol=0, atol=1e-6)
 
 
 def test_errors_are_clear(toy):

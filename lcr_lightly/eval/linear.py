@@ -13,12 +13,14 @@ from the training split (never on the test split):
 
 from __future__ import annotations
 
-import copy
+import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from lightly.utils.benchmarking import LinearClassifier
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -57,8 +59,9 @@ def stratified_split(
 
 
 def _fit_logreg(x: Tensor, y: Tensor, classes: int, weight_decay: float, steps: int) -> nn.Linear:
-    torch.manual_seed(0)
-    layer = nn.Linear(x.shape[1], classes)
+    with torch.random.fork_rng(devices=[]):  # a fixed start; the caller's RNG is untouched
+        torch.manual_seed(0)
+        layer = nn.Linear(x.shape[1], classes)
     opt = torch.optim.LBFGS(layer.parameters(), lr=1, max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
@@ -134,11 +137,13 @@ class _TransformedSubset(Dataset):
         return self.transform(image), int(label)
 
 
-class LinearProbeModule(pl.LightningModule):
-    """A linear classifier on a frozen feature extractor.
+class LinearProbeModule(LinearClassifier):
+    """lightly's :class:`LinearClassifier` with the paper's optimisation.
 
-    The extractor runs in eval mode under ``no_grad`` (so a wrapped model's rationale
-    pooling applies when selected). The best validation epoch's weights are kept.
+    The frozen model runs in eval mode under ``no_grad`` (so a wrapped model's rationale
+    pooling applies when selected). SGD with momentum 0.9, no weight decay, the given
+    learning rate (not scaled by the batch size) and x0.1 decays at ``milestones``.
+    Checkpoints hold the linear head only.
 
     Args:
         model: Feature extractor; ``model(x)`` returns (B, D).
@@ -146,6 +151,7 @@ class LinearProbeModule(pl.LightningModule):
         num_classes: Number of classes.
         lr: SGD learning rate (the paper: 30).
         milestones: Epochs at which the learning rate is multiplied by 0.1.
+        batch_size: Batch size per device (recorded; the learning rate is not scaled).
     """
 
     def __init__(
@@ -155,58 +161,28 @@ class LinearProbeModule(pl.LightningModule):
         num_classes: int,
         lr: float = 30.0,
         milestones: Sequence[int] = (60, 80),
+        batch_size: int = 256,
     ) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(
+            model, batch_size, lr=lr, feature_dim=feature_dim, num_classes=num_classes, topk=(1,)
+        )
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.classifier = nn.Linear(feature_dim, num_classes)
-        self.lr = lr
         self.milestones = list(milestones)
-        self.best_val = -1.0
-        self.best_state: Optional[Dict[str, Tensor]] = None
-        self._val_correct = 0
-        self._val_total = 0
-
-    def features(self, x: Tensor) -> Tensor:
-        """Frozen features (B, D)."""
-        self.model.eval()
-        with torch.no_grad():
-            return self.model(x).flatten(1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Class logits (B, num_classes)."""
-        return self.classifier(self.features(x))
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Cross-entropy on a training batch."""
-        x, y = batch[0], batch[1]
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("probe_train_loss", loss, prog_bar=True, batch_size=len(y))
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Accumulates validation accuracy."""
-        x, y = batch[0], batch[1]
-        self._val_correct += int((self(x).argmax(1) == y).sum())
-        self._val_total += len(y)
-
-    def on_validation_epoch_end(self) -> None:
-        """Keeps the classifier of the best validation epoch."""
-        acc = self._val_correct / max(self._val_total, 1)
-        self._val_correct = self._val_total = 0
-        self.log("probe_val_top1", acc, prog_bar=True)
-        if self.trainer.sanity_checking:
-            return
-        if acc > self.best_val:
-            self.best_val = acc
-            self.best_state = copy.deepcopy(self.classifier.state_dict())
 
     def configure_optimizers(self) -> Any:
         """SGD (momentum 0.9, no weight decay) with step decay."""
-        opt = torch.optim.SGD(self.classifier.parameters(), lr=self.lr, momentum=0.9)
+        opt = torch.optim.SGD(self.classification_head.parameters(), lr=self.lr, momentum=0.9)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, self.milestones, gamma=0.1)
         return [opt], [sched]
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        """Keeps only the head: the frozen model never changes."""
+        checkpoint["state_dict"] = {
+            k: v
+            for k, v in checkpoint["state_dict"].items()
+            if k.startswith("classification_head.")
+        }
 
 
 def linear_probe_paper(
@@ -242,7 +218,9 @@ def linear_probe_paper(
         trainer_kwargs: Extra ``pl.Trainer`` arguments.
 
     Returns:
-        ``{"top1": test accuracy of the best validation epoch, "val_top1": ...}``.
+        ``{"top1": test accuracy of the best validation epoch, "val_top1": ...}``; the
+        epoch is chosen by Lightning's ``ModelCheckpoint(monitor="val_top1")`` (the
+        first epoch reaching the maximum).
     """
     from torchvision import transforms as T
 
@@ -264,17 +242,26 @@ def linear_probe_paper(
         )
     ]
     probe = LinearProbeModule(
-        model, feature_dim, num_classes, lr=lr, milestones=(int(epochs * 0.6), int(epochs * 0.8))
+        model,
+        feature_dim,
+        num_classes,
+        lr=lr,
+        milestones=(int(epochs * 0.6), int(epochs * 0.8)),
+        batch_size=batch_size,
     )
-    kwargs: Dict[str, Any] = dict(max_epochs=epochs, logger=False, enable_checkpointing=False)
-    kwargs.update(trainer_kwargs or {})
-    pl.Trainer(**kwargs).fit(probe, loaders[0], loaders[1])
-    if probe.best_state is not None:
-        probe.classifier.load_state_dict(probe.best_state)
+    with tempfile.TemporaryDirectory() as tmp:
+        best = ModelCheckpoint(dirpath=tmp, monitor="val_top1", mode="max", save_top_k=1)
+        kwargs: Dict[str, Any] = dict(max_epochs=epochs, logger=False)
+        kwargs.update(trainer_kwargs or {})
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), best]
+        pl.Trainer(**kwargs).fit(probe, loaders[0], loaders[1])
+        state = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
+    probe.load_state_dict(state["state_dict"], strict=False)
     correct = total = 0
     probe.eval()
     with torch.no_grad():
         for x, y in loaders[2]:
             correct += int((probe(x.to(probe.device)).argmax(1).cpu() == y).sum())
             total += len(y)
-    return {"top1": correct / max(total, 1), "val_top1": probe.best_val}
+    assert best.best_model_score is not None  # set by the first validation epoch
+    return {"top1": correct / max(total, 1), "val_top1": float(best.best_model_score)}

@@ -1,5 +1,8 @@
+import copy
+
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from lightly.utils.benchmarking import knn_predict as lightly_knn_predict
 
@@ -51,8 +54,20 @@ def test_linear_probe_separable_and_chooses_on_validation():
     assert shuffled["top1"] < 0.7
 
 
-def test_paper_protocol_probe_runs_and_selects_on_validation():
-    from lcr_lightly.data import SyntheticFineGrained
+class _HeadPerEpoch(pl.Callback):
+    """Records the classifier and the validation accuracy of every epoch."""
+
+    def __init__(self):
+        self.heads, self.val = [], []
+
+    def on_validation_epoch_end(self, trainer, module):
+        if not trainer.sanity_checking:
+            self.heads.append(copy.deepcopy(module.classification_head).eval())
+            self.val.append(float(trainer.callback_metrics["val_top1"]))
+
+
+def test_paper_protocol_probe_selects_the_best_validation_epoch():
+    from lcr_lightly.data import SyntheticFineGrained, eval_transform
     from lcr_lightly.eval import linear_probe_paper
     from lcr_lightly.models import SmallResNet
 
@@ -60,9 +75,11 @@ def test_paper_protocol_probe_runs_and_selects_on_validation():
     backbone = SmallResNet(widths=(8, 8, 16, 16))
     backbone.fc = torch.nn.Identity()
     kw = dict(num_classes=3, image_size=32)
-    train = SyntheticFineGrained(images_per_class=6, **kw)
-    test = SyntheticFineGrained(images_per_class=3, split="test", **kw)
+    train = SyntheticFineGrained(images_per_class=16, **kw)
+    test = SyntheticFineGrained(images_per_class=6, split="test", **kw)
     before = [p.detach().clone() for p in backbone.parameters()]
+    record = _HeadPerEpoch()
+    torch.manual_seed(0)
     out = linear_probe_paper(
         backbone,
         train,
@@ -70,12 +87,27 @@ def test_paper_protocol_probe_runs_and_selects_on_validation():
         num_classes=3,
         feature_dim=16,
         image_size=32,
-        epochs=3,
+        epochs=6,
         batch_size=8,
         lr=0.5,
+        val_fraction=0.3,
         trainer_kwargs=dict(
-            accelerator="cpu", enable_progress_bar=False, enable_model_summary=False
+            accelerator="cpu",
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[record],
         ),
     )
-    assert 0.0 <= out["top1"] <= 1.0 and 0.0 <= out["val_top1"] <= 1.0
     assert all(torch.equal(a, b) for a, b in zip(before, backbone.parameters()))  # frozen
+    # Test accuracy of every epoch's head, computed here from the backbone's features.
+    tf = eval_transform(32)
+    x = torch.stack([tf(test[i][0]) for i in range(len(test))])
+    y = torch.tensor([test[i][1] for i in range(len(test))])
+    with torch.no_grad():
+        features = backbone.eval()(x)
+        test_acc = [float((h(features).argmax(1) == y).float().mean()) for h in record.heads]
+    best = record.val.index(max(record.val))  # the first epoch reaching the maximum
+    # The run must make the choice matter: the last epoch is not the best one.
+    assert best != len(record.val) - 1 and test_acc[best] != test_acc[-1], (record.val, test_acc)
+    assert out["val_top1"] == pytest.approx(record.val[best])
+    assert out["top1"] == pytest.approx(test_acc[best])

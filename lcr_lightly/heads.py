@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from lcr_lightly._validation import check_choice, check_positive_int
+
 NORMALIZE_MODES = ("image", "batch")
 
 
@@ -89,10 +91,11 @@ class CommonRationaleHead(nn.Module):
         hidden_channels: Optional[int] = None,
     ) -> None:
         super().__init__()
-        if in_channels < 1 or k < 1:
-            raise ValueError(f"in_channels and k must be positive, got {in_channels}, {k}.")
-        if normalize not in NORMALIZE_MODES:
-            raise ValueError(f"Unknown normalize={normalize!r}; expected one of {NORMALIZE_MODES}.")
+        in_channels = check_positive_int("in_channels", in_channels)
+        k = check_positive_int("k", k)
+        if hidden_channels is not None:
+            hidden_channels = check_positive_int("hidden_channels", hidden_channels)
+        check_choice("normalize", normalize, NORMALIZE_MODES)
         self.in_channels = in_channels
         self.k = k
         self.normalize = normalize

@@ -22,12 +22,12 @@ behind the defaults.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lcr_lightly._validation import check_choice as _check_choice
+from lcr_lightly._validation import check_real
 from lcr_lightly.heads import minmax_normalize
 
 TARGETS = ("raw", "max")
@@ -36,16 +36,11 @@ DIRECTIONS = ("forward", "reverse")
 REDUCTIONS = ("batchmean", "sum")
 
 
-def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    if value not in choices:
-        raise ValueError(f"Unknown {name}={value!r}; expected one of {choices}.")
-
-
 class GradCAMFitLoss(nn.Module):
     """KL divergence between the softmaxed rationale map and GradCAM map.
 
     Args:
-        tau: Softmax temperature (0.4 in the paper and code).
+        tau: Softmax temperature (0.4 in the paper and code); finite and positive.
         target: ``"raw"`` uses G as is; ``"max"`` divides each G by its maximum.
         head: ``"raw"`` uses the head map A; ``"minmax"`` min-max normalises A over the
             whole batch first (official code).
@@ -71,13 +66,11 @@ class GradCAMFitLoss(nn.Module):
         reduction: str = "batchmean",
     ) -> None:
         super().__init__()
-        if not tau > 0:
-            raise ValueError(f"tau must be positive, got {tau}.")
         _check_choice("target", target, TARGETS)
         _check_choice("head", head, HEADS)
         _check_choice("direction", direction, DIRECTIONS)
         _check_choice("reduction", reduction, REDUCTIONS)
-        self.tau = tau
+        self.tau = check_real("tau", tau)
         self.target = target
         self.head = head
         self.direction = direction

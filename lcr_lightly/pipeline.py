@@ -195,7 +195,9 @@ def make_data(cfg: ExperimentConfig) -> DataBundle:
             raise ValueError("dataset 'imagefolder' needs data_root with train/ and test/.")
         root = Path(cfg.data_root)
         make_train = lambda t: image_folder(root / "train", t)  # noqa: E731
-        make_test = lambda t: image_folder(root / "test", t)  # noqa: E731
+        make_test = lambda t: image_folder(  # noqa: E731
+            root / "test", t, classes=image_folder(root / "train").classes
+        )
     elif cfg.dataset in pairs:
         make_train, make_test = pairs[cfg.dataset]
     else:

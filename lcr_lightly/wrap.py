@@ -23,6 +23,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from lcr_lightly._validation import check_real
 from lcr_lightly.gradcam import GRADCAM_MODES, FeatureCapture, Reshape, gradcam, tokens_to_map
 from lcr_lightly.heads import CommonRationaleHead
 from lcr_lightly.hooks import LayerHook, remove_hooks
@@ -129,7 +130,7 @@ class CommonRationale(nn.Module):
         self.views = views
         self.nonfinite = nonfinite
         self.pool_in_training = pool_in_training
-        self.weight = float(weight)
+        self.weight = check_real("weight", weight, allow_zero=True)
         self.batch_size = 0
         self.pooling = "rationale" if pool is not None else "gap"
         self.capture = FeatureCapture(layer, reshape=reshape)

@@ -85,6 +85,23 @@ def test_head_channel_mismatch_and_bad_args():
         CommonRationaleHead(8, normalize="global")
 
 
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(in_channels=8, k=2.5), "k"),
+        (dict(in_channels=8, k=True), "k"),
+        (dict(in_channels=8, k=0), "k"),
+        (dict(in_channels=-1), "in_channels"),
+        (dict(in_channels=8.0), "in_channels"),
+        (dict(in_channels=8, hidden_channels=0), "hidden_channels"),
+        (dict(in_channels=8, hidden_channels=4.5), "hidden_channels"),
+    ],
+)
+def test_head_sizes_must_be_positive_integers(kwargs, name):
+    with pytest.raises(ValueError, match=f"^{name} must be a positive integer"):
+        CommonRationaleHead(**kwargs)
+
+
 def test_mlp_head_variant():
     torch.manual_seed(0)
     head = CommonRationaleHead(6, k=3, hidden_channels=4).eval()

@@ -105,7 +105,8 @@ def test_bad_options_and_shapes():
     ):
         with pytest.raises(ValueError, match="Unknown"):
             GradCAMFitLoss(**kwargs)
-    with pytest.raises(ValueError, match="tau"):
-        GradCAMFitLoss(tau=0)
+    for tau in (0, -0.4, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="tau must be a finite positive number"):
+            GradCAMFitLoss(tau=tau)
     with pytest.raises(ValueError, match="same shape"):
         GradCAMFitLoss()(torch.rand(2, 3, 3), torch.rand(2, 3, 4))

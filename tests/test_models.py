@@ -88,9 +88,73 @@ def test_weight_errors(tmp_path):
     with pytest.raises(ValueError, match="No parameter"):
         load_backbone_weights(tiny_resnet(), bad)
     with pytest.raises(ValueError, match="Unknown backbone"):
-        build_backbone("vgg11")
+        build_backbone("not_a_backbone")
 
 
 def test_split_views_error():
     with pytest.raises(ValueError, match="at least two augmented views"):
         split_views((torch.randn(2, 3, 8, 8), torch.tensor([0, 1])))
+
+
+def _save(module, path, prefix=""):
+    torch.save({f"{prefix}{k}": v for k, v in module.state_dict().items()}, path)
+    return path
+
+
+def test_weights_of_another_width_or_depth_are_refused(tmp_path):
+    from importlib import resources
+
+    shipped = resources.files("lcr_lightly") / "assets" / "init_small_resnet_w16_64px.pth"
+    narrow = SmallResNet(widths=(8, 8, 16, 16))
+    before = {k: v.clone() for k, v in narrow.state_dict().items()}
+    # only the BatchNorm counters match: nothing to load
+    with pytest.raises(ValueError, match="No parameter"):
+        load_backbone_weights(narrow, str(shipped))
+    wide = SmallResNet(widths=(16, 32, 64, 96))  # the shipped init but for layer4
+    with pytest.raises(
+        ValueError,
+        match=r"45 of 60 tensors match.*Shape mismatches \(15\): layer4\.0\.conv1\.weight "
+        r"\(file \(128, 64, 3, 3\), backbone \(96, 64, 3, 3\)\)",
+    ):
+        load_backbone_weights(wide, str(shipped))
+    shallow, deep = SmallResNet(blocks=(1, 1, 1, 1)), SmallResNet(blocks=(2, 1, 1, 1))
+    with pytest.raises(ValueError, match=r"Missing from the file \(10\): layer1\.1\.conv1\.weight"):
+        load_backbone_weights(deep, _save(shallow, tmp_path / "shallow.pth"))
+    with pytest.raises(ValueError, match=r"modules that it lacks \(12\): layer1\.1\.conv1\.weight"):
+        load_backbone_weights(shallow, _save(deep, tmp_path / "deep.pth"))
+    for k, v in narrow.state_dict().items():
+        assert torch.equal(v, before[k]), k  # a refused file changes nothing
+
+
+def test_resnet50_weights_do_not_load_into_resnet18(tmp_path):
+    import torchvision
+
+    path = _save(torchvision.models.resnet50(), tmp_path / "r50.pth")
+    with pytest.raises(ValueError, match=r"does not fit the backbone ResNet: \d+ of 100 tensors"):
+        build_backbone("resnet18", weights=path)
+
+
+def test_non_strict_loading_loads_the_matching_part_and_logs_counts(tmp_path, caplog):
+    import logging
+
+    torch.manual_seed(0)
+    source = SmallResNet(widths=(8, 8, 16, 16), blocks=(2, 1, 1, 1))
+    path = _save(source, tmp_path / "ckpt.pth", prefix="backbone.")
+    torch.save(
+        {"state_dict": {**torch.load(path), "projection_head.layers.0.weight": torch.zeros(3)}},
+        path,
+    )
+    target = SmallResNet(widths=(8, 8, 16, 32))  # layer4 wider, layer1 shallower
+    init_fc = target.fc.weight.clone()
+    with caplog.at_level(logging.INFO, logger="lcr_lightly.models.backbones"):
+        loaded, left = load_backbone_weights(target, path, strict=False)
+    own = [k for k in target.state_dict() if not k.startswith("fc.")]
+    expected = [
+        k for k in own if not k.startswith("layer4.") and not k.endswith("num_batches_tracked")
+    ]
+    assert (loaded, left) == (len(expected), 15)  # layer4: two convs, a downsample conv, three BNs
+    for k in expected:
+        assert torch.equal(target.state_dict()[k], source.state_dict()[k]), k
+    assert torch.equal(target.fc.weight, init_fc)
+    assert f"Loaded {loaded} of {loaded + 15} backbone tensors" in caplog.text
+    assert "13 file keys unused, 12 of them in the backbone's modules" in caplog.text

@@ -21,13 +21,14 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
 
 PathLike = Union[str, os.PathLike]
+_D = TypeVar("_D", bound=Dataset)
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -203,7 +204,7 @@ def _pil_loader(path: str) -> Image.Image:
         raise OSError(f"Cannot read image {path}: {err}") from err
 
 
-def _torchvision(factory: Callable[[], Dataset], name: str, root: Path, layout: str) -> Dataset:
+def _torchvision(factory: Callable[[], _D], name: str, root: Path, layout: str) -> _D:
     try:
         return factory()
     except (RuntimeError, FileNotFoundError, OSError) as err:
@@ -304,22 +305,75 @@ def cifar100(
     )
 
 
-def image_folder(root: PathLike, transform: Optional[Callable] = None) -> Dataset:
+class _SharedClassesImageFolder(datasets.ImageFolder):
+    """An ImageFolder whose labels index a given class list (e.g. the training split's).
+
+    The folder may lack some of the classes (a test split without images of a class);
+    a sub-folder that is not in the list is refused.
+    """
+
+    def __init__(
+        self, root: str, classes: Sequence[str], transform: Optional[Callable] = None
+    ) -> None:
+        self.shared_classes = [str(c) for c in classes]
+        if len(set(self.shared_classes)) != len(self.shared_classes):
+            raise ValueError(f"classes has duplicate names: {self.shared_classes}.")
+        super().__init__(root, transform=transform)
+        self.classes = self.shared_classes
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+    def find_classes(self, directory: Union[str, os.PathLike]) -> Tuple[List[str], Dict[str, int]]:
+        """The folder's classes, indexed by their position in the shared list."""
+        found, _ = super().find_classes(directory)
+        index = {name: i for i, name in enumerate(self.shared_classes)}
+        unknown = [name for name in found if name not in index]
+        if unknown:
+            shown = ", ".join(unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+            raise ValueError(
+                f"ImageFolder {directory} has {len(unknown)} class folder(s) that the "
+                f"given classes (e.g. the training split's) lack: {shown}. Their labels "
+                "would mean nothing to a model trained on the other classes; remove them "
+                "or add them to the training split."
+            )
+        return found, {name: index[name] for name in found}
+
+
+def image_folder(
+    root: PathLike,
+    transform: Optional[Callable] = None,
+    classes: Optional[Sequence[str]] = None,
+) -> datasets.ImageFolder:
     """Any ``root/<class>/<image>`` folder through torchvision's ImageFolder.
+
+    Each split of a data set must use the same class list, otherwise a test split that
+    lacks a class shifts every later label: build the training split first and pass
+    its ``classes`` to the others.
+
+    Example:
+        >>> train = image_folder("data/train", transform)
+        >>> test = image_folder("data/test", transform, classes=train.classes)
 
     Args:
         root: The folder.
         transform: Applied to the PIL image.
+        classes: Class names whose positions are the labels (sub-folders may be a
+            subset); the sorted sub-folder names when None.
 
     Returns:
-        The data set.
+        The data set (``classes`` and ``class_to_idx`` describe the shared list).
+
+    Raises:
+        DatasetNotFoundError: If the folder does not exist or holds no images.
+        ValueError: If a sub-folder is not one of ``classes``.
     """
     path = Path(root).expanduser()
     if not path.is_dir():
         raise DatasetNotFoundError(f"ImageFolder root {path} does not exist.")
-    return _torchvision(
-        lambda: datasets.ImageFolder(str(path), transform=transform),
-        "ImageFolder",
-        path,
-        "one sub-folder of images per class",
-    )
+    shared = None if classes is None else list(classes)
+
+    def build() -> datasets.ImageFolder:
+        if shared is None:
+            return datasets.ImageFolder(str(path), transform=transform)
+        return _SharedClassesImageFolder(str(path), shared, transform)
+
+    return _torchvision(build, "ImageFolder", path, "one sub-folder of images per class")

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lcr_lightly._validation import check_finite_rows
 from lcr_lightly.eval.retrieval import ArrayLike, _as_numpy, l2_normalize
 
 
@@ -37,7 +38,12 @@ def knn_predict(
 
     Returns:
         (M, num_classes) vote scores.
+
+    Raises:
+        ValueError: If a feature row holds NaN or inf.
     """
+    check_finite_rows("train_features", train_features)
+    check_finite_rows("query_features", query_features)
     gallery = l2_normalize(train_features)
     queries = l2_normalize(query_features)
     labels = _as_numpy(train_labels, np.int64).reshape(-1)
@@ -72,7 +78,12 @@ def knn_accuracy(
 
     Returns:
         Accuracy in [0, 1].
+
+    Raises:
+        ValueError: If a feature row holds NaN or inf.
     """
+    check_finite_rows("train_features", train_features)
+    check_finite_rows("test_features", test_features)
     y_test = _as_numpy(test_labels, np.int64).reshape(-1)
     y_train = _as_numpy(train_labels, np.int64).reshape(-1)
     classes = int(max(y_train.max(), y_test.max())) + 1

@@ -24,6 +24,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lcr_lightly._validation import check_finite_rows
 from lcr_lightly.eval.retrieval import ArrayLike, _as_numpy
 
 
@@ -105,7 +106,12 @@ def linear_probe(
     Returns:
         ``{"top1": test accuracy, "val_top1": best validation accuracy,
         "weight_decay": chosen value}``.
+
+    Raises:
+        ValueError: If a feature row holds NaN or inf.
     """
+    check_finite_rows("train_features", train_features)
+    check_finite_rows("test_features", test_features)
     xtr = torch.from_numpy(_as_numpy(train_features, np.float32))
     ytr = torch.from_numpy(_as_numpy(train_labels, np.int64).reshape(-1))
     xte = torch.from_numpy(_as_numpy(test_features, np.float32))

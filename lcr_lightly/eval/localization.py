@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lcr_lightly._validation import check_finite_rows
+
 
 def _as_tensor(x: Union[Tensor, np.ndarray]) -> Tensor:
     return x.detach().float().cpu() if isinstance(x, Tensor) else torch.as_tensor(x).float()
@@ -26,6 +28,7 @@ def _resize(maps: Tensor, size: Tuple[int, int]) -> Tensor:
 
 def _prepare(maps: Union[Tensor, np.ndarray], masks: Union[Tensor, np.ndarray]) -> tuple:
     m = _as_tensor(maps)
+    check_finite_rows("maps", m, rows_are="images")
     k = _as_tensor(masks) > 0.5
     if m.dim() != 3 or k.dim() != 3 or m.shape[0] != k.shape[0]:
         raise ValueError(
@@ -38,21 +41,28 @@ def _prepare(maps: Union[Tensor, np.ndarray], masks: Union[Tensor, np.ndarray]) 
 def pointing_game(maps: Union[Tensor, np.ndarray], masks: Union[Tensor, np.ndarray]) -> float:
     """Fraction of images whose map maximum falls inside the mask.
 
-    Images with an empty mask are left out.
+    Images with an empty mask are left out. A constant map (e.g. an all-zero GradCAM)
+    points nowhere and counts as a miss, so that it cannot score by where its first
+    pixel happens to be; the chance level of a random map stays :func:`mask_area`.
 
     Args:
-        maps: Attention maps (B, h, w).
+        maps: Attention maps (B, h, w), finite.
         masks: Binary masks (B, H, W).
 
     Returns:
         Hit rate in [0, 1].
+
+    Raises:
+        ValueError: If all masks are empty or a map holds NaN or inf.
     """
     m, k = _prepare(maps, masks)
     valid = k.flatten(1).any(1)
     if not valid.any():
         raise ValueError("All masks are empty.")
-    arg = m.flatten(1).argmax(1)
-    hits = k.flatten(1).gather(1, arg[:, None])[:, 0]
+    flat = m.flatten(1)
+    arg = flat.argmax(1)
+    constant = flat.amax(1) == flat.amin(1)
+    hits = k.flatten(1).gather(1, arg[:, None])[:, 0] & ~constant
     return float(hits[valid].float().mean())
 
 
@@ -60,11 +70,14 @@ def energy_inside(maps: Union[Tensor, np.ndarray], masks: Union[Tensor, np.ndarr
     """Mean fraction of (non-negative) attention energy inside the mask.
 
     Args:
-        maps: Attention maps (B, h, w); negative values are clipped to 0.
+        maps: Attention maps (B, h, w), finite; negative values are clipped to 0.
         masks: Binary masks (B, H, W).
 
     Returns:
         Mean fraction in [0, 1] over images with a non-empty mask and non-zero map.
+
+    Raises:
+        ValueError: If no image qualifies or a map holds NaN or inf.
     """
     m, k = _prepare(maps, masks)
     m = m.clamp_min(0).flatten(1)

@@ -1,13 +1,22 @@
 """Leave-one-out retrieval: rank-k accuracy and mean average precision.
 
 Every item of a split queries all the others by cosine similarity (features are
-L2-normalised). Ties are ranked pessimistically: an item's rank is the number of
-other items at least as similar to the query, so a collapsed representation (all
-features equal) scores 0 rank-1 instead of 100 %.
+L2-normalised). For a query q with same-class items ("relevant") and other-class items:
 
-* rank-k: the query scores if an item of its class has rank <= k (itself excluded);
-* AP: mean over the query's same-class items r of ``#{same class, sim >= sim_r} /
-  rank_r``; mAP is the mean AP over queries that have at least one same-class item.
+* The ranking is the other items by decreasing similarity to q; among items of equal
+  similarity, the other-class items come first (ties are ranked pessimistically, but only
+  against the query: two relevant items that tie with each other do not push each other
+  down, so exact duplicates inside a class score as well as a single copy).
+* Sort the relevant items by decreasing similarity, s_(1) >= s_(2) >= ... >= s_(R); the
+  i-th of them has rank ``rank_i = i + O_i`` with ``O_i = #{other-class items with
+  similarity >= s_(i)}``.
+* rank-k: the query scores if ``rank_1 <= k``; rank-k accuracy is the fraction of all
+  queries that score (a query without relevant items never does).
+* AP: ``mean_i i / rank_i`` (precision at each relevant item); mAP is the mean AP over
+  queries that have at least one relevant item.
+
+A collapsed representation (all features equal) thus scores 0 rank-1 instead of 100 %,
+while exact duplicates of the query's class score 1.
 
 The exact mode needs every similarity anyway (mAP is over the full ranking of the
 other N - 1 items), so it computes them in one chunked BLAS pass and ranks with
@@ -16,7 +25,7 @@ single ``searchsorted``; up to 16,384 items the symmetric similarity matrix is b
 from half the products (see ``benchmarks/retrieval_speed.py`` for the timing). For
 galleries too large for that, ``index="hnsw"`` searches an approximate faiss HNSW
 index for the top ``search_k`` items and reports rank-k and mAP over that truncated
-list (``mAP@search_k``).
+list (``mAP@search_k``), with the same tie rule inside the list.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from typing import Dict, Iterator, Sequence, Tuple, Union
 import numpy as np
 import torch
 from torch import Tensor
+
+from lcr_lightly._validation import check_finite_rows
 
 ArrayLike = Union[Tensor, np.ndarray]
 
@@ -51,6 +62,7 @@ def l2_normalize(features: ArrayLike) -> np.ndarray:
 
 
 def _check(features: ArrayLike, labels: ArrayLike) -> tuple:
+    check_finite_rows("features", features)
     x = l2_normalize(features)
     y = _as_numpy(labels, np.int64).reshape(-1)
     if x.ndim != 2 or x.shape[0] != y.shape[0]:
@@ -59,8 +71,6 @@ def _check(features: ArrayLike, labels: ArrayLike) -> tuple:
         )
     if x.shape[0] < 2:
         raise ValueError("Retrieval needs at least two items.")
-    if not np.isfinite(x).all():
-        raise ValueError("features contain NaN or inf.")
     return x, y
 
 
@@ -85,6 +95,10 @@ def retrieval_metrics(
 
     Returns:
         ``{"rank1": ..., "rank5": ..., "mAP": ...}`` as fractions in [0, 1].
+
+    Raises:
+        ValueError: If shapes disagree, there are fewer than two items, a feature row
+            holds NaN or inf, or ``index`` is unknown.
     """
     x, y = _check(features, labels)
     if index == "exact":
@@ -138,15 +152,16 @@ def _exact(x: np.ndarray, y: np.ndarray, ks: Sequence[int], chunk_size: int) -> 
         # shifted into its own range (offset 4 * row, float64 keeps float32 ties exact).
         offsets = 4.0 * rows
         ordered = (np.sort(sims, axis=1).astype(np.float64) + offsets[:, None]).ravel()
-        values = sims[rel].astype(np.float64) + np.repeat(offsets, counts)
+        # same-class similarities, sorted per row (rows stay apart thanks to the offsets)
+        values = np.sort(sims[rel].astype(np.float64) + np.repeat(offsets, counts))
         row_of = np.repeat(rows, counts)
-        # pessimistic rank: items of the row at least as similar (the query is below)
-        ranks = n - (np.searchsorted(ordered, values, side="left") - row_of * n)
-        # same-class items at least as similar
-        rel_sorted = np.sort(values)
         ends = np.cumsum(counts)[row_of]
-        rel_before = ends - np.searchsorted(rel_sorted, values, side="left")
-        precision = rel_before / ranks
+        # items of the row at least as similar (the query itself is below every cosine)
+        at_least = n - (np.searchsorted(ordered, values, side="left") - row_of * n)
+        same_at_least = ends - np.searchsorted(values, values, side="left")
+        position = ends - np.arange(len(values))  # i: 1 for the row's most similar
+        ranks = position + (at_least - same_at_least)
+        precision = position / ranks
         valid = counts > 0
         seg = np.concatenate([[0], np.cumsum(counts)[:-1]])[valid]
         ap_sum += float((np.add.reduceat(precision, seg) / counts[valid]).sum())
@@ -166,21 +181,27 @@ def _approximate(
     k = min(max(search_k, max(ks)) + 1, n)
     index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
     index.add(x)
-    _, ids = index.search(x, k)
+    sims, ids = index.search(x, k)
     hits = {kk: 0 for kk in ks}
     ap_sum, ap_count = 0.0, 0
     for i in range(n):
-        row = ids[i][(ids[i] != i) & (ids[i] >= 0)][: k - 1]
+        keep = (ids[i] != i) & (ids[i] >= 0)
+        row, row_sims = ids[i][keep][: k - 1], sims[i][keep][: k - 1]
         rel_total = int((y == y[i]).sum()) - 1
         if rel_total == 0:
             continue
         rel = y[row] == y[i]
-        positions = np.flatnonzero(rel) + 1
-        precisions = np.arange(1, len(positions) + 1) / positions
-        ap_sum += float(precisions.sum() / min(rel_total, len(row)))
         ap_count += 1
+        if not rel.any():
+            continue
+        relevant = np.sort(row_sims[rel])[::-1]
+        others = np.sort(row_sims[~rel])
+        # other-class items of the list at least as similar as each relevant item
+        ranks = np.arange(1, len(relevant) + 1)
+        ranks = ranks + len(others) - np.searchsorted(others, relevant, side="left")
+        ap_sum += float((np.arange(1, len(relevant) + 1) / ranks).sum() / min(rel_total, len(row)))
         for kk in ks:
-            hits[kk] += int(rel[:kk].any())
+            hits[kk] += int(ranks[0] <= kk)
     return _summary(hits, ap_sum, ap_count, n, ks)
 
 

@@ -6,8 +6,9 @@ pretrained weights (nothing is ever downloaded).
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torchvision
@@ -17,6 +18,8 @@ from torchvision.models.resnet import BasicBlock, ResNet
 from lcr_lightly.models.pretrained import IMAGENET, imagenet_state_dict
 
 BackboneSpec = Union[str, nn.Module]
+
+logger = logging.getLogger(__name__)
 
 
 class SmallResNet(ResNet):
@@ -79,23 +82,40 @@ def _clean_state_dict(state: Any) -> Dict[str, torch.Tensor]:
     return cleaned
 
 
-def load_backbone_weights(backbone: nn.Module, path: Union[str, os.PathLike]) -> Tuple[int, int]:
+def _listing(items: List[str], limit: int = 5) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def load_backbone_weights(
+    backbone: nn.Module, path: Union[str, os.PathLike], strict: bool = True
+) -> Tuple[int, int]:
     """Loads pretrained backbone weights from a local file.
 
     Accepts a plain ``state_dict``, a checkpoint with ``state_dict``/``model`` inside,
     and keys prefixed with ``module.``, ``backbone.`` or ``encoder_q.``; the
-    classification layer ``fc`` is ignored.
+    classification layer ``fc`` is ignored, and so are file keys outside the
+    backbone's modules (e.g. ``projection_head.*``). BatchNorm ``num_batches_tracked`` counters
+    are optional (older checkpoints lack them) and never count as a match on their own.
 
     Args:
         backbone: The backbone to load into.
         path: Local file (e.g. torchvision's ``resnet50-0676ba61.pth``).
+        strict: Require every backbone tensor (except ``fc`` and the counters) to be in
+            the file with its shape, and no file tensor inside the backbone's modules
+            that the backbone lacks (e.g. ``layer1.2.*`` of a deeper network). With
+            False, the matching tensors are loaded and the others keep their
+            initialisation (at least one must match).
 
     Returns:
-        ``(loaded, missing)`` key counts.
+        ``(loaded, missing)``: tensors loaded, and backbone tensors left as they were
+        (``fc`` and ``num_batches_tracked`` not counted).
 
     Raises:
         FileNotFoundError: If the file does not exist (nothing is downloaded).
-        ValueError: If no key of the file matches the backbone.
+        ValueError: If no tensor of the file fits the backbone or, with ``strict``, if
+            some backbone tensor is missing from the file or has another shape, or the
+            file has extra tensors in the backbone's modules (the message lists them).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -104,16 +124,56 @@ def load_backbone_weights(backbone: nn.Module, path: Union[str, os.PathLike]) ->
             "pass weights=None to start from random initialisation."
         )
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state_dict.")
     cleaned = _clean_state_dict(state)
-    own = backbone.state_dict()
+    own = {k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
     matched = {k: v for k, v in cleaned.items() if k in own and own[k].shape == v.shape}
-    if not matched:
+    required = [k for k in own if not k.endswith("num_batches_tracked")]
+    missing = [k for k in required if k not in cleaned]
+    mismatched = [
+        f"{k} (file {tuple(v.shape)}, backbone {tuple(own[k].shape)})"
+        for k, v in cleaned.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    unused = [k for k in cleaned if k not in own]
+    # file tensors inside the backbone's own modules that it lacks (a deeper network),
+    # unlike other parts of a checkpoint (projection heads, momentum encoders)
+    roots = {k.split(".")[0] for k in own}
+    stray = [k for k in unused if k.split(".")[0] in roots]
+    loaded = sum(1 for k in required if k in matched)
+    name = type(backbone).__name__
+    if loaded == 0:
         raise ValueError(
-            f"No parameter in {path} matches the backbone {type(backbone).__name__} "
-            f"(file keys such as {list(cleaned)[:3]}, backbone keys such as {list(own)[:3]})."
+            f"No parameter in {path} matches the backbone {name} (file keys such as "
+            f"{list(cleaned)[:3]}, backbone keys such as {required[:3]}; shape "
+            f"mismatches: {_listing(mismatched, 3) or 'none'})."
+        )
+    if strict and (missing or mismatched or stray):
+        raise ValueError(
+            f"{path} does not fit the backbone {name}: {loaded} of {len(required)} "
+            f"tensors match. Missing from the file ({len(missing)}): "
+            f"{_listing(missing) or 'none'}. Shape mismatches ({len(mismatched)}): "
+            f"{_listing(mismatched) or 'none'}. File tensors in the backbone's modules "
+            f"that it lacks ({len(stray)}): {_listing(stray) or 'none'}. Use weights made "
+            "for this "
+            "architecture and width, or call load_backbone_weights(..., strict=False) "
+            "to load only the matching tensors."
         )
     backbone.load_state_dict(matched, strict=False)
-    return len(matched), len([k for k in own if k not in matched and not k.startswith("fc.")])
+    left = len(required) - loaded
+    logger.info(
+        "Loaded %d of %d backbone tensors from %s (%d left at initialisation, %d shape "
+        "mismatches, %d file keys unused, %d of them in the backbone's modules).",
+        loaded,
+        len(required),
+        path,
+        left,
+        len(mismatched),
+        len(unused),
+        len(stray),
+    )
+    return loaded, left
 
 
 def _timm_model(name: str) -> Optional[nn.Module]:

@@ -150,3 +150,42 @@ def test_image_folder(tmp_path):
     assert len(ds) == 2 and ds[1][1] == 1
     with pytest.raises(DatasetNotFoundError):
         image_folder(tmp_path / "missing")
+
+
+def _class_folders(root, names):
+    for n, name in enumerate(names):
+        _jpg(root / name / f"{n}.jpg", color=(n * 40, 0, 0))
+
+
+def test_image_folder_splits_share_the_training_classes(tmp_path):
+    _class_folders(tmp_path / "train", ["ant", "bee", "cat"])
+    _class_folders(tmp_path / "test", ["ant", "cat"])  # no bee in the test split
+    train = image_folder(tmp_path / "train")
+    test = image_folder(tmp_path / "test", classes=train.classes)
+    assert train.classes == test.classes == ["ant", "bee", "cat"]
+    assert test.class_to_idx == {"ant": 0, "bee": 1, "cat": 2}
+    # the cat image keeps label 2 (a split-local class list would give it 1)
+    assert [label for _, label in test] == [0, 2]
+    assert test.targets == [0, 2]
+
+
+def test_image_folder_refuses_classes_unknown_to_training(tmp_path):
+    _class_folders(tmp_path / "train", ["ant", "bee"])
+    _class_folders(tmp_path / "test", ["ant", "dog", "eel"])
+    with pytest.raises(ValueError, match="2 class folder.*lack: dog, eel"):
+        image_folder(tmp_path / "test", classes=image_folder(tmp_path / "train").classes)
+    with pytest.raises(ValueError, match="duplicate"):
+        image_folder(tmp_path / "train", classes=["ant", "ant", "bee"])
+
+
+def test_pipeline_imagefolder_labels_match_across_splits(tmp_path):
+    from lcr_lightly.pipeline import ExperimentConfig, make_data
+
+    _class_folders(tmp_path / "train", ["ant", "bee", "cat"])
+    _class_folders(tmp_path / "test", ["ant", "cat"])
+    data = make_data(ExperimentConfig(dataset="imagefolder", data_root=str(tmp_path)))
+    assert data.num_classes == 3
+    assert [data.test_eval[i][1] for i in range(len(data.test_eval))] == [0, 2]
+    _class_folders(tmp_path / "test", ["ant", "dog"])
+    with pytest.raises(ValueError, match="lack: dog"):
+        make_data(ExperimentConfig(dataset="imagefolder", data_root=str(tmp_path)))

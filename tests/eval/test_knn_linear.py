@@ -111,3 +111,22 @@ def test_paper_protocol_probe_selects_the_best_validation_epoch():
     assert best != len(record.val) - 1 and test_acc[best] != test_acc[-1], (record.val, test_acc)
     assert out["val_top1"] == pytest.approx(record.val[best])
     assert out["top1"] == pytest.approx(test_acc[best])
+
+
+def test_nan_features_are_refused():
+    train = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    test = np.array([[1.0, 0.05], [0.05, 1.0]])
+    bad_train = train.copy()
+    bad_train[2, 1] = np.nan
+    with pytest.raises(ValueError, match="train_features has 1 of 4 rows with NaN or inf"):
+        knn_accuracy(bad_train, [0, 0, 1, 1], test, [0, 1], k=1)
+    bad_test = torch.from_numpy(test).clone()
+    bad_test[:, 0] = float("nan")
+    with pytest.raises(ValueError, match="test_features has 2 of 2 rows"):
+        knn_accuracy(train, [0, 0, 1, 1], bad_test, [0, 1], k=1)
+    with pytest.raises(ValueError, match="query_features has 2 of 2 rows"):
+        knn_predict(train, [0, 0, 1, 1], bad_test, k=1)
+    with pytest.raises(ValueError, match="train_features has 1 of 4 rows"):
+        linear_probe(bad_train, [0, 0, 1, 1], test, [0, 1], steps=2)
+    with pytest.raises(ValueError, match="test_features has 2 of 2 rows"):
+        linear_probe(train, [0, 0, 1, 1], bad_test, [0, 1], steps=2)

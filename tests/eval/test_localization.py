@@ -51,3 +51,33 @@ def test_keypoint_masks_and_report():
     assert report["chance"] == pytest.approx(float(masks[0].mean()))
     with pytest.raises(ValueError, match="empty"):
         pointing_game(torch.rand(1, 6, 6), masks[1:])
+
+
+def test_constant_maps_are_misses_wherever_the_mask_is():
+    masks = torch.zeros(4, 4, 4)
+    masks[0, 0, 0] = 1  # the top-left pixel, where argmax of a constant map lands
+    masks[1, 2:, 2:] = 1
+    masks[2, :2, :] = 1
+    masks[3, 1, 1] = 1
+    maps = torch.zeros(4, 4, 4)
+    maps[1] = 3.0
+    maps[2] = -1.0
+    maps[3, 1, 1] = 0.5  # a real peak inside its mask
+    assert pointing_game(maps, masks) == 0.25
+    full = torch.ones(1, 4, 4)  # even a mask covering the image: a constant map points nowhere
+    assert pointing_game(torch.zeros(1, 2, 2), full) == 0.0
+
+
+def test_nan_maps_are_refused():
+    masks = torch.zeros(3, 4, 4)
+    masks[:, 0, 0] = 1
+    maps = torch.rand(3, 4, 4)
+    maps[1, 2, 2] = float("nan")
+    maps[2, 0, 1] = float("inf")
+    for metric in (pointing_game, energy_inside, localization_report):
+        with pytest.raises(
+            ValueError, match=r"maps has 2 of 3 images with NaN or inf values \(images 1, 2\)"
+        ):
+            metric(maps, masks)
+    with pytest.raises(ValueError, match="maps has 1 of 1 images"):
+        pointing_game(np.full((1, 4, 4), np.nan), masks[:1])

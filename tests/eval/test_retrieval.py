@@ -6,7 +6,11 @@ from lcr_lightly.eval import retrieval_metrics
 
 
 def brute_force(features, labels, ks=(1, 5)):
-    """Reference: explicit loops over the pessimistic-tie definition."""
+    """Reference: walks each query's explicit ranked list.
+
+    The list is the other items by decreasing similarity, other-class items first among
+    equal similarities (pessimistic only against the query).
+    """
     x = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
     x = x.astype(np.float32)
     sims = x @ x.T
@@ -15,14 +19,18 @@ def brute_force(features, labels, ks=(1, 5)):
     aps = []
     for i in range(n):
         others = [j for j in range(n) if j != i]
-        rel = [j for j in others if labels[j] == labels[i]]
-        if not rel:
+        ranked = sorted(others, key=lambda j: (-float(sims[i, j]), labels[j] == labels[i]))
+        found, precisions, first = 0, [], None
+        for position, j in enumerate(ranked, start=1):
+            if labels[j] == labels[i]:
+                found += 1
+                precisions.append(found / position)
+                first = position if first is None else first
+        if not precisions:
             continue
-        ranks = {j: sum(1 for o in others if sims[i, o] >= sims[i, j]) for j in rel}
-        precisions = [sum(1 for r in rel if sims[i, r] >= sims[i, j]) / ranks[j] for j in rel]
         aps.append(np.mean(precisions))
         for k in ks:
-            hits[k] += int(min(ranks.values()) <= k)
+            hits[k] += int(first <= k)
     out = {f"rank{k}": hits[k] / n for k in ks}
     out["mAP"] = float(np.mean(aps))
     return out
@@ -84,8 +92,8 @@ def test_hnsw_option_agrees_on_easy_data():
 def test_bad_inputs():
     with pytest.raises(ValueError, match="labels"):
         retrieval_metrics(np.zeros((3, 2)), [0, 1])
-    with pytest.raises(ValueError, match="NaN"):
-        retrieval_metrics(np.array([[np.nan, 1.0], [1.0, 0.0]]), [0, 0])
+    with pytest.raises(ValueError, match="features has 1 of 3 rows with NaN or inf"):
+        retrieval_metrics(np.array([[1.0, 0.0], [np.nan, 1.0], [1.0, 0.0]]), [0, 0, 1])
     with pytest.raises(ValueError, match="index"):
         retrieval_metrics(np.eye(3), [0, 0, 1], index="lsh")
 
@@ -100,3 +108,63 @@ def test_streamed_and_symmetric_paths_agree(monkeypatch):
     streamed = retrieval_metrics(features, labels, chunk_size=16)
     assert full == pytest.approx(streamed, abs=1e-12)
     assert full == pytest.approx(brute_force(features, labels), abs=1e-9)
+
+
+def test_duplicates_inside_a_class_do_not_count_against_the_query():
+    # three exact copies per class, classes far apart: a perfect retrieval
+    features = np.repeat(np.eye(4)[:3], 3, axis=0)
+    labels = np.repeat([0, 1, 2], 3)
+    assert retrieval_metrics(features, labels) == {"rank1": 1.0, "rank5": 1.0, "mAP": 1.0}
+    hnsw = retrieval_metrics(features, labels, index="hnsw", search_k=8)
+    assert hnsw == {"rank1": 1.0, "rank5": 1.0, "mAP": 1.0}
+
+
+def test_ties_with_the_other_class_still_count_against_the_query():
+    # query 0 ties with its class mate 1 and with item 2 of the other class
+    features = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    labels = [0, 0, 1, 1]
+    got = retrieval_metrics(features, labels, ks=(1, 2))
+    # queries 0, 1: list (2, mate, 3): first hit at 2, AP 1/2; query 2: its mate 3 comes
+    # after both 0 and 1, AP 1/3; query 3: all others tie, AP 1/3
+    assert (got["rank1"], got["rank2"]) == (0.0, 0.5)
+    assert got["mAP"] == pytest.approx((1 / 2 + 1 / 2 + 1 / 3 + 1 / 3) / 4)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tied_data_matches_brute_force_in_exact_and_hnsw_modes(seed):
+    # few distinct integer vectors: many ties inside and across classes
+    rng = np.random.default_rng(seed)
+    features = rng.integers(0, 2, size=(36, 3)).astype(np.float32)
+    features[features.sum(1) == 0] = 1.0
+    labels = rng.integers(0, 4, 36)
+    ref = brute_force(features, labels, ks=(1, 3))
+    exact = retrieval_metrics(features, labels, ks=(1, 3), chunk_size=5)
+    hnsw = retrieval_metrics(features, labels, ks=(1, 3), index="hnsw", search_k=35)
+    for key in ("rank1", "rank3", "mAP"):
+        assert exact[key] == pytest.approx(ref[key], abs=1e-12)
+        assert hnsw[key] == pytest.approx(ref[key], abs=1e-12)
+
+
+def test_agrees_with_torchmetrics_without_ties():
+    from torchmetrics.retrieval import RetrievalHitRate, RetrievalMAP, RetrievalPrecision
+
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 6, 60)
+    labels[0] = 9  # a query without relevant items: a rank-k miss, left out of mAP
+    features = rng.normal(size=(6, 8))[labels % 6] + rng.normal(size=(60, 8))
+    got = retrieval_metrics(features, labels, ks=(1, 5))
+    x = torch.nn.functional.normalize(torch.from_numpy(features).double(), dim=1)
+    sims = x @ x.T
+    off = ~torch.eye(60, dtype=torch.bool)
+    preds = 2.0 + sims[off]  # torchmetrics drops relevant items with a score <= 0
+    target = torch.from_numpy(labels[:, None] == labels[None, :])[off]
+    indexes = torch.arange(60)[:, None].expand(60, 60)[off]
+    assert all(len(torch.unique(row)) == 59 for row in preds.view(60, 59))  # no ties
+    expected_map = RetrievalMAP(empty_target_action="skip")(preds, target, indexes)
+    hit1 = RetrievalHitRate(top_k=1)(preds, target, indexes)
+    hit5 = RetrievalHitRate(top_k=5)(preds, target, indexes)
+    precision1 = RetrievalPrecision(top_k=1)(preds, target, indexes)
+    assert got["mAP"] == pytest.approx(float(expected_map), abs=1e-6)
+    assert got["rank1"] == pytest.approx(float(hit1), abs=1e-6)
+    assert got["rank1"] == pytest.approx(float(precision1), abs=1e-6)
+    assert got["rank5"] == pytest.approx(float(hit5), abs=1e-6)

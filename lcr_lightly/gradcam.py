@@ -160,6 +160,8 @@ def gradcam(
 
     ``elementwise`` (LCR, the official code): ``ReLU(sum_c F * dL/dF)``;
     ``channel`` (classic Grad-CAM, for ablation): ``ReLU(sum_c mean_hw(dL/dF) * F)``.
+    When ``F`` reaches the loss only through global average pooling, ``dL/dF`` is the same
+    at every position and the two modes give the same map.
     Computed in float32 whatever the maps' dtype. The gradient itself is not part of the
     graph (no ``create_graph``), so the returned maps depend on the features only
     through ``F``; detach them to use them as a fixed target.

@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck pytest clean
+.PHONY: install demo test lint typecheck pytest mutate clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,5 +30,11 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
+# Mutation testing of the method's core ([tool.mutmut] in pyproject.toml); not part of CI.
+# Results are cached in mutants/: a second run re-tests only what changed.
+mutate: $(STAMP)
+	$(BIN)/mutmut run --max-children 2
+	$(BIN)/python benchmarks/mutation_score.py
+
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) outputs mutants .pytest_cache .mypy_cache .ruff_cache

@@ -44,6 +44,15 @@ def test_kl_matches_hand_formula(direction, target, reduction):
     assert loss(a, g).item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_defaults_are_tau_04_max_target_forward_kl_batchmean():
+    """The default loss is the one RESULTS.md chose: tau 0.4 (paper), max-scaled target."""
+    torch.manual_seed(1)
+    a = torch.rand(4, 3, 3) * 2
+    g = torch.rand(4, 3, 3) * 1e-2 + 1e-4
+    expected = _hand_loss(a.double(), g.double(), 0.4, "max", "forward", "batchmean")
+    assert GradCAMFitLoss()(a, g).item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_official_preset_matches_official_formula():
     """GANPerf/LCR main.py: kl_div(log(softmax(att/t)), softmax(cam/t), 'sum'),
     att min-max normalised over the whole batch, cam not detached."""
@@ -97,16 +106,16 @@ def test_kl_is_zero_for_identical_distributions():
 
 
 def test_bad_options_and_shapes():
-    for kwargs in (
-        {"target": "norm"},
-        {"head": "softmax"},
-        {"direction": "both"},
-        {"reduction": "mean"},
+    for name, value in (
+        ("target", "norm"),
+        ("head", "softmax"),
+        ("direction", "both"),
+        ("reduction", "mean"),
     ):
-        with pytest.raises(ValueError, match="Unknown"):
-            GradCAMFitLoss(**kwargs)
+        with pytest.raises(ValueError, match=rf"^Unknown {name}='{value}'; expected one of \("):
+            GradCAMFitLoss(**{name: value})
     for tau in (0, -0.4, float("inf"), float("nan"), True):
         with pytest.raises(ValueError, match="tau must be a finite positive number"):
             GradCAMFitLoss(tau=tau)
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match=r"\(2, 3, 4\) must have the same shape\.$"):
         GradCAMFitLoss()(torch.rand(2, 3, 3), torch.rand(2, 3, 4))

@@ -54,8 +54,8 @@ class MoCo(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.06)
 
 
-def main(tiny: bool = False) -> None:
-    size = 32 if tiny else 64
+def main(tiny: bool = False) -> dict:
+    size = 64 if tiny else 128  # ResNet stride 32: a 2x2 (4x4) last map; 1x1 makes the KL 0
     transform = MoCoV2Transform(input_size=size, gaussian_blur=0.0)
     dataset = SyntheticFineGrained(
         num_classes=4, images_per_class=4 if tiny else 50, image_size=size, transform=transform
@@ -78,7 +78,10 @@ def main(tiny: bool = False) -> None:
         lcr_features = model.backbone(images).flatten(1)
         set_pooling(model, "gap")
         gap_features = model.backbone(images).flatten(1)
+    kl = float(trainer.callback_metrics["train_lcr_kl"])
     print("rationale-pooled", tuple(lcr_features.shape), "GAP", tuple(gap_features.shape))
+    print(f"LCR KL at the end: {kl:.4f}")
+    return {"kl": kl, "rationale": lcr_features, "gap": gap_features}
 
 
 if __name__ == "__main__":

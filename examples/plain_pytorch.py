@@ -16,8 +16,8 @@ from lcr_lightly import attach
 from lcr_lightly.data import SyntheticFineGrained
 
 
-def main(tiny: bool = False) -> None:
-    size = 32 if tiny else 64
+def main(tiny: bool = False) -> dict:
+    size = 64 if tiny else 128  # ResNet stride 32: a 2x2 (4x4) last map; 1x1 makes the KL 0
     resnet = torchvision.models.resnet18()
     backbone = nn.Sequential(*list(resnet.children())[:-1])
     projection = SimSiamProjectionHead(512, 512, 128)
@@ -47,11 +47,13 @@ def main(tiny: bool = False) -> None:
             optimizer.step()
         print(f"epoch {epoch}: ssl {loss.item():.4f} kl {kl.item():.4f}")
     backbone.eval()
+    images = torch.randn(2, 3, size, size)
     with torch.no_grad():
-        print(
-            "rationale-pooled features",
-            tuple(backbone(torch.randn(2, 3, size, size)).flatten(1).shape),
-        )
+        rationale = backbone(images).flatten(1)
+        lcr.set_pooling("gap")
+        gap = backbone(images).flatten(1)
+    print("rationale-pooled features", tuple(rationale.shape))
+    return {"kl": kl.item(), "rationale": rationale, "gap": gap}
 
 
 if __name__ == "__main__":

@@ -349,7 +349,12 @@ def test_parts_compose_by_hand():
         (cam,) = gradcam(loss, capture.maps)
         head_map = attach(backbone, k=4).head(capture.maps[0])
     kl = GradCAMFitLoss()(head_map, cam)
-    assert kl.dim() == 0 and kl.item() >= 0
+    # By hand: p = softmax(G / max G / 0.4), q = softmax(A / 0.4), mean over images of KL(p||q).
+    p = torch.softmax(cam.flatten(1) / cam.flatten(1).amax(1, keepdim=True) / 0.4, dim=1)
+    q = torch.softmax(head_map.flatten(1) / 0.4, dim=1)
+    expected = (p * (p.log() - q.log())).sum(1).mean()
+    assert kl.dim() == 0 and kl.item() > 1e-4
+    torch.testing.assert_close(kl, expected)
 
 
 def test_mocov2_backbone_is_the_query_encoder():

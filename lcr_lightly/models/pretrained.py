@@ -62,6 +62,28 @@ IMAGENET_SOURCES: Dict[str, ImageNetSource] = {
 }
 
 
+def imagenet_weights_file(name: str) -> Path:
+    """The local file holding the ImageNet weights of backbone ``name``.
+
+    Args:
+        name: A backbone name from :data:`IMAGENET_SOURCES`.
+
+    Returns:
+        The file's path (inside the installed package).
+
+    Raises:
+        ValueError: If no package ships ImageNet weights for ``name``.
+        ImportError: If the package holding them is not installed.
+    """
+    source = IMAGENET_SOURCES.get(name)
+    if source is None:
+        raise ValueError(
+            f"No ImageNet weights ship in a package for backbone {name!r} (available: "
+            f"{sorted(IMAGENET_SOURCES)}); pass weights=<local file> with its state dict."
+        )
+    return source.locate()
+
+
 def _role(key: str) -> str:
     return key.rsplit(".", 1)[-1]
 
@@ -119,13 +141,8 @@ def imagenet_state_dict(
         ValueError: If no package ships ImageNet weights for ``name``.
         ImportError: If the package holding them is not installed.
     """
-    source = IMAGENET_SOURCES.get(name)
-    if source is None:
-        raise ValueError(
-            f"No ImageNet weights ship in a package for backbone {name!r} (available: "
-            f"{sorted(IMAGENET_SOURCES)}); pass weights=<local file> with its state dict."
-        )
-    state = torch.load(source.locate(), map_location="cpu", weights_only=True)
+    path = imagenet_weights_file(name)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     if not with_classifier:
-        state = {k: v for k, v in state.items() if k not in source.classifier_keys}
+        state = {k: v for k, v in state.items() if k not in IMAGENET_SOURCES[name].classifier_keys}
     return convert_by_order(state, target)

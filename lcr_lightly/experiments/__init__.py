@@ -1,0 +1,1 @@
+"""Experiments: the configuration, the runner behind the CLI, the demo and provenance."""

@@ -115,15 +115,16 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def _stored_config(args: Namespace) -> Optional[Tuple[Path, Dict[str, Any]]]:
+def _stored_config(args: Namespace) -> Optional[Dict[str, Any]]:
     """The config stored in the checkpoint a command starts from, if any."""
     from lcr_lightly.checkpointing import read_checkpoint
     from lcr_lightly.pipeline import last_checkpoint
 
     if args.command in ("evaluate", "visualize"):
-        path = Path(args[args.command].checkpoint)
-        config = read_checkpoint(path).config
-    elif args.command == "pretrain" and args.pretrain.resume:
+        return read_checkpoint(Path(args[args.command].checkpoint)).config
+    if args.command == "pretrain" and args.pretrain.resume:
+        if args.pretrain.overwrite:
+            raise UsageError("--resume and --overwrite exclude each other")
         path = last_checkpoint(_to_config(args.pretrain))
         if not path.is_file():
             raise UsageError(
@@ -135,9 +136,8 @@ def _stored_config(args: Namespace) -> Optional[Tuple[Path, Dict[str, Any]]]:
             raise CheckpointError(
                 f"not a readable lcr-lightly checkpoint: {path} (it holds no lcr-lightly config)"
             )
-    else:
-        return None
-    return (path, config) if config is not None else None
+        return config
+    return None
 
 
 def _to_config(ns: Namespace) -> ExperimentConfig:
@@ -162,7 +162,7 @@ def parse(argv: Optional[List[str]] = None) -> Tuple[Namespace, Optional[Experim
         return args, None
     stored = _stored_config(args)
     if stored is not None:
-        defaults = {f"{args.command}.{k}": v for k, v in stored[1].items() if k in FIELD_NAMES}
+        defaults = {f"{args.command}.{k}": v for k, v in stored.items() if k in FIELD_NAMES}
         parser.set_defaults(defaults)
         out_dir = args[args.command].out_dir
         args = parser.parse_args(argv)
@@ -172,8 +172,6 @@ def parse(argv: Optional[List[str]] = None) -> Tuple[Namespace, Optional[Experim
 
 def _prepare_out_dir(cfg: ExperimentConfig, resume: bool, overwrite: bool) -> None:
     """Refuses a --out-dir holding another run unless --resume or --overwrite says why."""
-    if resume and overwrite:
-        raise UsageError("--resume and --overwrite exclude each other")
     out = Path(cfg.out_dir)
     if resume or not out.exists():
         return

@@ -307,8 +307,8 @@ def condense(message: str, values: Optional[Dict[str, Any]] = None) -> ConfigErr
         values: The values that were parsed (to quote the bad one exactly), if known.
 
     Returns:
-        The :class:`ConfigError`; messages that name no known key come back as their
-        first line.
+        The :class:`ConfigError`; other messages (a command's own flags, argparse's
+        usage errors) come back with their whitespace collapsed into one line.
     """
     match = _KEY.search(message)
     if match is None:
@@ -318,11 +318,11 @@ def condense(message: str, values: Optional[Dict[str, Any]] = None) -> ConfigErr
                 return unknown_key(unknown.group(1))
         text = _SUBCOMMAND_KEY.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
         return ConfigError(" ".join(text.split()) or "bad command line")
-    if match.group(1) not in FIELD_NAMES:  # a command's own flag (--config, --n, ...)
+    key, element = match.group(1).rsplit(".", 1)[-1], match.group(2)  # "pretrain.k" -> "k"
+    if key not in FIELD_NAMES:  # a command's own flag (--config, --n, ...)
         detail = message[match.end() :].strip(" :\n").splitlines()
-        flag = "--" + match.group(1).rsplit(".", 1)[-1].replace("_", "-")
+        flag = "--" + key.replace("_", "-")
         return ConfigError(f"{flag}: {detail[0].strip() if detail else 'invalid value'}")
-    key, element = match.group(1), match.group(2)
     hint = get_type_hints(ExperimentConfig)[key]
     if values is not None and key in values:
         value = values[key]

@@ -152,10 +152,9 @@ def test_non_empty_out_dir_is_refused_without_resume_or_overwrite(capsys, finish
     err = user_error(capsys, ["pretrain", *TINY_FLAGS, "--out-dir", str(finished_run)])
     assert "is not empty" in err and "--resume" in err and "--overwrite" in err
     assert (finished_run / "model.pt").read_bytes() == before  # nothing lost
-    err = user_error(
-        capsys, ["pretrain", "--out-dir", str(finished_run), "--resume", "--overwrite"]
-    )
-    assert "exclude each other" in err
+    for out in (finished_run, finished_run.parent / "new"):
+        err = user_error(capsys, ["pretrain", "--out-dir", str(out), "--resume", "--overwrite"])
+        assert err == "error: --resume and --overwrite exclude each other"
 
 
 def test_overwrite_starts_over(tmp_path, capsys):

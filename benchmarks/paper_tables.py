@@ -11,6 +11,8 @@ The training epochs are fixed in advance (no checkpoint is chosen on the test sp
 
 Any config field can be overridden with ``--set key=value`` (e.g. a tiny budget on the
 synthetic CUB-layout export: ``--set epochs=1 backbone=small_resnet weights=null``).
+Each run checkpoints every epoch into ``<out>/table<N>/{base,lcr}/checkpoints``; after a
+kill, the same command with ``--resume`` continues both runs from their ``last.ckpt``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,16 @@ from typing import Any, Dict
 
 import yaml
 
-from lcr_lightly.pipeline import ExperimentConfig, run
+from lcr_lightly.atomic import atomic_write
+from lcr_lightly.checkpointing import CheckpointError
+from lcr_lightly.data import DatasetNotFoundError
+from lcr_lightly.pipeline import (
+    ConfigError,
+    EvaluationError,
+    ExperimentConfig,
+    last_checkpoint,
+    run,
+)
 
 PAPER = {
     # Table 2, CUB-200-2011 retrieval (rank-1, rank-5, mAP) and linear top-1, in %.
@@ -49,7 +60,17 @@ def main() -> None:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--set", nargs="*", default=[], help="key=value overrides")
     parser.add_argument("--out", type=Path, default=Path("outputs/paper"))
+    parser.add_argument(
+        "--resume", action="store_true", help="continue runs from their last.ckpt, if any"
+    )
     args = parser.parse_args()
+    try:
+        table(args)
+    except (ConfigError, CheckpointError, DatasetNotFoundError, EvaluationError) as err:
+        parser.exit(2, f"error: {err}\n")
+
+
+def table(args: argparse.Namespace) -> None:
     values: Dict[str, Any] = yaml.safe_load(args.config.read_text())
     values.update({k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)})
     base = ExperimentConfig.from_dict(values)
@@ -60,7 +81,7 @@ def main() -> None:
         cfg = replace(
             base, lcr=lcr, out_dir=str(args.out / f"table{args.table}" / ("lcr" if lcr else "base"))
         )
-        res = run(cfg)["results"]
+        res = run(cfg, resume=args.resume and last_checkpoint(cfg).is_file())["results"]
         rows[label] = res["rationale"] if lcr else res["gap"]  # LCR: rationale pooling
         if lcr:
             rows[f"{label} (GAP)"] = res["gap"]
@@ -79,8 +100,8 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"table{args.table}.md").write_text(text + "\n")
-    (args.out / f"table{args.table}.json").write_text(json.dumps(rows, indent=2))
+    atomic_write(args.out / f"table{args.table}.md", text + "\n")
+    atomic_write(args.out / f"table{args.table}.json", json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

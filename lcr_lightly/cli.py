@@ -1,76 +1,200 @@
 """Command-line interface: ``lcr-lightly {demo,pretrain,evaluate,visualize,init,export-synthetic}``.
 
-Every experiment flag is a field of :class:`~lcr_lightly.pipeline.ExperimentConfig`;
-``--config file.yaml`` loads fields from YAML and flags given on the command line
-override them.
+Every experiment flag is a field of :class:`~lcr_lightly.pipeline.ExperimentConfig`,
+typed and parsed by jsonargparse; ``--config file.yaml`` loads fields from YAML and
+flags after it override them. ``evaluate``/``visualize`` start from the config stored in
+the checkpoint and ``pretrain --resume`` from the one in ``checkpoints/last.ckpt``, so
+only what should change needs a flag. ``--print-config`` prints the effective config.
+
+A user error (bad value, unknown key, missing data or file, unreadable checkpoint, a
+failed evaluation after training) prints one ``error: ...`` line and exits with code 2.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
+import shutil
 import sys
+from argparse import ArgumentError
 from pathlib import Path
-from typing import Any, Dict, List, Optional, get_type_hints
+from typing import Any, Dict, List, Optional, Tuple
 
-from lcr_lightly.pipeline import ExperimentConfig
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
+from lcr_lightly.checkpointing import CheckpointError
+from lcr_lightly.config import (
+    FIELD_NAMES,
+    ConfigError,
+    ExperimentConfig,
+    NonNegativeInt,
+    PositiveInt,
+    Seed,
+    add_config_arguments,
+    condense,
+)
+from lcr_lightly.data import DatasetNotFoundError
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="YAML file with ExperimentConfig fields.")
-    hints = get_type_hints(ExperimentConfig)
-    for f in dataclasses.fields(ExperimentConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        text = str(kind)
-        kwargs: Dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS)
-        if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif "List[int]" in text or "list[int]" in text:
-            kwargs.update(type=int, nargs="+")
-        elif "float" in text:
-            kwargs["type"] = float
-        elif "int" in text:
-            kwargs["type"] = int
-        else:
-            kwargs["type"] = str
-        factory: Any = f.default_factory
-        default = f.default if f.default is not dataclasses.MISSING else factory()
-        parser.add_argument(flag, help=f"(default: {default})", **kwargs)
+# Files a pretraining run writes into its --out-dir (removed by --overwrite).
+RUN_FILES = ("model.pt", "config.yaml", "results.json", "checkpoints")
 
 
-def load_config(args: argparse.Namespace) -> ExperimentConfig:
-    """Merges ``--config`` YAML and explicit flags into an :class:`ExperimentConfig`.
+class UsageError(ValueError):
+    """A command that cannot run as given (message: one line)."""
+
+
+def _parser(**kwargs: Any) -> ArgumentParser:
+    return ArgumentParser(exit_on_error=False, allow_abbrev=False, print_config=None, **kwargs)
+
+
+def _config_parser(description: str) -> ArgumentParser:
+    parser = _parser(description=description)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of config fields.")
+    parser.add_argument(
+        "--print-config", action="store_true", help="Print the effective config and exit."
+    )
+    return parser
+
+
+def build_parser() -> ArgumentParser:
+    """The argument parser with all sub-commands."""
+    parser = _parser(prog="lcr-lightly", description="Learning Common Rationale for SSL models.")
+    sub = parser.add_subcommands(dest="command", required=True)
+
+    p = _parser(description="MoCo v2 vs MoCo v2 + LCR on the synthetic set (CPU).")
+    p.add_argument("--out", type=str, default="outputs/demo", help="output folder")
+    p.add_argument("--init", type=Optional[str], default=None, help="backbone init file")
+    p.add_argument("--epochs", type=Optional[NonNegativeInt], default=None, help="SSL epochs")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sub.add_subcommand("demo", p, help="MoCo v2 vs MoCo v2 + LCR on the synthetic set (CPU).")
+
+    p = _config_parser("Train (and evaluate) one configuration.")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out-dir from checkpoints/last.ckpt (its config is the default)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"start over in a non-empty --out-dir (deletes its {', '.join(RUN_FILES)})",
+    )
+    add_config_arguments(p)
+    sub.add_subcommand("pretrain", p, help="Train (and evaluate) one configuration.")
+
+    p = _config_parser("Evaluate a checkpoint in every pooling mode.")
+    p.add_argument("--checkpoint", type=str, required=True, help="model.pt or .ckpt file")
+    add_config_arguments(p)
+    sub.add_subcommand("evaluate", p, help="Evaluate a model.pt in every pooling mode.")
+
+    p = _config_parser("Figure: image, GradCAM of SSL loss, rationale.")
+    p.add_argument("--checkpoint", type=str, required=True, help="model.pt or .ckpt file")
+    p.add_argument("--out", type=str, default="fig.png", help="figure file (.png)")
+    p.add_argument("--n", type=PositiveInt, default=6, help="images in the figure")
+    add_config_arguments(p)
+    sub.add_subcommand("visualize", p, help="Figure: image, GradCAM of SSL loss, rationale.")
+
+    p = _parser(description="Pretrain a small backbone on the generic synthetic set.")
+    p.add_argument("--out", type=str, required=True)
+    p.add_argument("--widths", type=PositiveInt, nargs=4, default=[16, 32, 64, 128])
+    p.add_argument("--image-size", dest="image_size", type=PositiveInt, default=64)
+    p.add_argument("--images-per-class", dest="images_per_class", type=PositiveInt, default=500)
+    p.add_argument("--epochs", type=PositiveInt, default=10)
+    p.add_argument("--seed", type=Seed, default=0)
+    sub.add_subcommand("init", p, help="Pretrain a small backbone on the generic synthetic set.")
+
+    p = _parser(description="Write the synthetic set in CUB layout.")
+    p.add_argument("--root", type=str, required=True)
+    p.add_argument("--num-classes", dest="num_classes", type=PositiveInt, default=10)
+    p.add_argument("--images-per-class", dest="images_per_class", type=PositiveInt, default=40)
+    p.add_argument(
+        "--test-images-per-class", dest="test_images_per_class", type=PositiveInt, default=20
+    )
+    p.add_argument("--image-size", dest="image_size", type=PositiveInt, default=64)
+    p.add_argument("--seed", type=Seed, default=0)
+    sub.add_subcommand("export-synthetic", p, help="Write the synthetic set in CUB layout.")
+    return parser
+
+
+def _stored_config(args: Namespace) -> Optional[Dict[str, Any]]:
+    """The config stored in the checkpoint a command starts from, if any."""
+    from lcr_lightly.checkpointing import read_checkpoint
+    from lcr_lightly.pipeline import last_checkpoint
+
+    if args.command in ("evaluate", "visualize"):
+        return read_checkpoint(Path(args[args.command].checkpoint)).config
+    if args.command == "pretrain" and args.pretrain.resume:
+        if args.pretrain.overwrite:
+            raise UsageError("--resume and --overwrite exclude each other")
+        path = last_checkpoint(_to_config(args.pretrain))
+        if not path.is_file():
+            raise UsageError(
+                f"nothing to resume: {path} does not exist (no epoch of a run in "
+                f"{args.pretrain.out_dir} has finished); start over with --overwrite"
+            )
+        config = read_checkpoint(path, training=True).config
+        if config is None:
+            raise CheckpointError(
+                f"not a readable lcr-lightly checkpoint: {path} (it holds no lcr-lightly config)"
+            )
+        return config
+    return None
+
+
+def _to_config(ns: Namespace) -> ExperimentConfig:
+    return ExperimentConfig(**{name: ns[name] for name in FIELD_NAMES})
+
+
+def parse(argv: Optional[List[str]] = None) -> Tuple[Namespace, Optional[ExperimentConfig]]:
+    """Parses a command line into its arguments and its :class:`ExperimentConfig`.
+
+    For ``evaluate``/``visualize`` (and ``pretrain --resume``) the config stored in the
+    checkpoint (``last.ckpt``) replaces the defaults: ``--config`` and flags override it.
 
     Args:
-        args: Parsed arguments.
+        argv: The arguments (``sys.argv[1:]`` when None).
 
     Returns:
-        The config.
-
-    Raises:
-        SystemExit: With a clear message for a missing file or unknown keys.
+        The parsed arguments and the config (None for commands without one).
     """
-    import yaml
-
-    values: Dict[str, Any] = {}
-    if getattr(args, "config", None) is not None:
-        if not args.config.is_file():
-            raise SystemExit(f"error: config file {args.config} does not exist.")
-        loaded = yaml.safe_load(args.config.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise SystemExit(f"error: {args.config} must hold a mapping of config fields.")
-        values.update(loaded)
-    names = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
-    try:
-        return ExperimentConfig.from_dict(values)
-    except (ValueError, TypeError) as err:
-        raise SystemExit(f"error: {err}") from err
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command not in ("pretrain", "evaluate", "visualize"):
+        return args, None
+    stored = _stored_config(args)
+    if stored is not None:
+        defaults = {f"{args.command}.{k}": v for k, v in stored.items() if k in FIELD_NAMES}
+        parser.set_defaults(defaults)
+        out_dir = args[args.command].out_dir
+        args = parser.parse_args(argv)
+        args[args.command].out_dir = out_dir  # a moved run folder stays where it is now
+    return args, _to_config(args[args.command])
 
 
-def _cmd_demo(args: argparse.Namespace) -> None:
+def _prepare_out_dir(cfg: ExperimentConfig, resume: bool, overwrite: bool) -> None:
+    """Refuses a --out-dir holding another run unless --resume or --overwrite says why."""
+    out = Path(cfg.out_dir)
+    if resume or not out.exists():
+        return
+    if not out.is_dir():
+        raise UsageError(f"--out-dir {out} is a file, not a folder")
+    held = sorted(p.name for p in out.iterdir())
+    if not held:
+        return
+    if not overwrite:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise UsageError(
+            f"--out-dir {out} is not empty ({shown}); pass --resume to continue its run or "
+            "--overwrite to start over"
+        )
+    for name in RUN_FILES:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+def _cmd_demo(args: Namespace) -> None:
     from lcr_lightly.demo import run_demo
 
     overrides = {}
@@ -79,66 +203,47 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(out_dir=args.out, init=args.init, progress=not args.no_progress, **overrides)
 
 
-def _cmd_pretrain(args: argparse.Namespace) -> None:
+def _cmd_pretrain(args: Namespace, cfg: ExperimentConfig) -> None:
     from lcr_lightly.pipeline import run
 
-    cfg = load_config(args)
-    out = run(cfg)
+    _prepare_out_dir(cfg, args.resume, args.overwrite)
+    out = run(cfg, resume=args.resume)
     print(json.dumps(out["results"], indent=2))
     print(f"results and model.pt written to {cfg.out_dir}")
 
 
-def _load_model(cfg: ExperimentConfig, checkpoint: Path) -> Any:
-    import torch
+def _cmd_evaluate(args: Namespace, cfg: ExperimentConfig) -> None:
+    from lcr_lightly.pipeline import evaluate, load_model, make_data
 
-    from lcr_lightly.pipeline import make_model
-
-    if not checkpoint.is_file():
-        raise SystemExit(f"error: checkpoint {checkpoint} does not exist.")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    model = make_model(cfg)
-    has_head = any(k.startswith("common_rationale.") for k in state)
-    if has_head != cfg.lcr:
-        raise SystemExit(
-            f"error: checkpoint {checkpoint} {'has' if has_head else 'has no'} LCR head but the "
-            f"config says lcr={cfg.lcr}; pass --{'lcr' if has_head else 'no-lcr'}."
-        )
-    model.load_state_dict(state)
-    return model
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from lcr_lightly.pipeline import evaluate, make_data
-
-    cfg = load_config(args)
-    model = _load_model(cfg, args.checkpoint)
+    model = load_model(cfg, Path(args.checkpoint))
     print(json.dumps(evaluate(model, make_data(cfg), cfg), indent=2))
 
 
-def _cmd_visualize(args: argparse.Namespace) -> None:
+def _cmd_visualize(args: Namespace, cfg: ExperimentConfig) -> None:
     import torch
 
-    from lcr_lightly.pipeline import make_data
+    from lcr_lightly.atomic import atomic_path
+    from lcr_lightly.pipeline import load_model, make_data
     from lcr_lightly.viz import projection_figure, rationale_figure
 
-    cfg = load_config(args)
     if not cfg.lcr:
-        raise SystemExit("error: visualize needs an LCR checkpoint (lcr=true).")
-    model = _load_model(cfg, args.checkpoint)
+        raise UsageError("visualize needs an LCR checkpoint (lcr=true)")
+    model = load_model(cfg, Path(args.checkpoint))
     data = make_data(cfg)
     test: Any = data.test_eval
     items = [test[i * max(len(test) // args.n, 1)] for i in range(args.n)]
     images = torch.stack([it[0] for it in items])
     masks = torch.stack([it[3] for it in items]).float() if data.masks else None
-    out = rationale_figure(model, images, [images, images.flip(-1)], str(args.out), masks)
-    proj = projection_figure(
-        model, images, str(Path(args.out).with_suffix("")) + "_projections.png"
-    )
+    out = Path(args.out)
+    proj = Path(str(out.with_suffix("")) + "_projections.png")
+    with atomic_path(out) as tmp:
+        rationale_figure(model, images, [images, images.flip(-1)], str(tmp), masks)
+    with atomic_path(proj) as tmp:
+        projection_figure(model, images, str(tmp))
     print(f"wrote {out} and {proj}")
 
 
-def _cmd_init(args: argparse.Namespace) -> None:
+def _cmd_init(args: Namespace) -> None:
     from lcr_lightly.pipeline import pretrain_generic_init
 
     result = pretrain_generic_init(
@@ -153,7 +258,7 @@ def _cmd_init(args: argparse.Namespace) -> None:
     print(f"backbone weights written to {args.out}")
 
 
-def _cmd_export(args: argparse.Namespace) -> None:
+def _cmd_export(args: Namespace) -> None:
     from lcr_lightly.data import SyntheticFineGrained, export_cub_layout
 
     kw = dict(num_classes=args.num_classes, image_size=args.image_size, seed=args.seed)
@@ -165,60 +270,38 @@ def _cmd_export(args: argparse.Namespace) -> None:
     print(f"CUB-200-2011-style synthetic set written to {root}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with all sub-commands."""
-    parser = argparse.ArgumentParser(
-        prog="lcr-lightly", description="Learning Common Rationale for SSL models."
+def _run(argv: Optional[List[str]]) -> None:
+    import yaml
+
+    args, cfg = parse(argv)
+    command, sub = args.command, args[args.command]
+    if cfg is None:
+        {"demo": _cmd_demo, "init": _cmd_init, "export-synthetic": _cmd_export}[command](sub)
+        return
+    if sub.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return
+    {"pretrain": _cmd_pretrain, "evaluate": _cmd_evaluate, "visualize": _cmd_visualize}[command](
+        sub, cfg
     )
-    sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="MoCo v2 vs MoCo v2 + LCR on the synthetic set (CPU).")
-    p.add_argument("--out", default="outputs/demo", help="output folder")
-    p.add_argument("--init", default=None, help="backbone init file (default: shipped)")
-    p.add_argument("--epochs", type=int, default=None, help="SSL epochs per run")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("pretrain", help="Train (and evaluate) one configuration.")
-    _add_config_flags(p)
-    p.set_defaults(func=_cmd_pretrain)
-
-    p = sub.add_parser("evaluate", help="Evaluate a model.pt in both pooling modes.")
-    p.add_argument("--checkpoint", type=Path, required=True)
-    _add_config_flags(p)
-    p.set_defaults(func=_cmd_evaluate)
-
-    p = sub.add_parser("visualize", help="Figure: image, GradCAM of SSL loss, rationale.")
-    p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--out", type=Path, default=Path("fig.png"))
-    p.add_argument("--n", type=int, default=6, help="images in the figure")
-    _add_config_flags(p)
-    p.set_defaults(func=_cmd_visualize)
-
-    p = sub.add_parser("init", help="Pretrain a small backbone on the generic synthetic set.")
-    p.add_argument("--out", required=True)
-    p.add_argument("--widths", type=int, nargs=4, default=[16, 32, 64, 128])
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--images-per-class", type=int, default=500)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_init)
-
-    p = sub.add_parser("export-synthetic", help="Write the synthetic set in CUB layout.")
-    p.add_argument("--root", required=True)
-    p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--images-per-class", type=int, default=40)
-    p.add_argument("--test-images-per-class", type=int, default=20)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_export)
-    return parser
+# User errors: one line on stderr, exit code 2. Anything else is a bug and tracebacks.
+USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, UsageError)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point of the ``lcr-lightly`` console script."""
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    from lcr_lightly.pipeline import EvaluationError
+
+    try:
+        _run(argv)
+    except ArgumentError as err:  # jsonargparse: bad flag, value or YAML key
+        print(f"error: {condense(str(err))}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (*USER_ERRORS, EvaluationError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

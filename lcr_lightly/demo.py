@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from lcr_lightly.atomic import atomic_path, atomic_write
 from lcr_lightly.pipeline import (
     ExperimentConfig,
     evaluate,
@@ -146,11 +147,10 @@ def run_demo(
         f"{header}\n\nRetrieval on the test split (leave-one-out), kNN and linear probe "
         f"(train -> test), in %:\n\n{table}\n\nPointing game on the test split, in %:\n\n"
         f"{loc_table}\n\nFigure: {figure}\nTotal time: {elapsed:.0f} s\n\nMore figures: "
-        f"lcr-lightly visualize --config {out / 'mocov2_lcr' / 'config.yaml'} --checkpoint "
-        f"{out / 'mocov2_lcr' / 'model.pt'} --out fig.png"
+        f"lcr-lightly visualize --checkpoint {out / 'mocov2_lcr' / 'model.pt'} --out fig.png"
     )
     print("\n" + text)
-    (out / "table.md").write_text(text + "\n")
+    atomic_write(out / "table.md", text + "\n")
     summary = {
         "rows": {label: metrics for label, metrics in rows},
         "localization": {"lcr": loc, "baseline": base_loc},
@@ -158,7 +158,7 @@ def run_demo(
         "seconds": elapsed,
         "config": cfg.to_dict(),
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(out / "results.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -172,4 +172,6 @@ def make_figure(model: Any, data: Any, cfg: ExperimentConfig, path: Path, n: int
     images = torch.stack([p[0] for p in picks])
     parts = torch.stack([p[3] for p in picks]).float()
     views = [images, images.flip(-1)]
-    return rationale_figure(model, images, views, str(path), part_masks=parts)
+    with atomic_path(path) as tmp:
+        rationale_figure(model, images, views, str(tmp), part_masks=parts)
+    return str(path)

@@ -3,15 +3,21 @@
 Used by the CLI (``lcr-lightly pretrain/evaluate/demo``), the demo and the scripts in
 ``benchmarks/``. One :class:`ExperimentConfig` describes a run; every field can be set
 from a YAML file and overridden on the command line.
+
+A run writes into ``cfg.out_dir``: ``checkpoints/last.ckpt`` after every epoch (and
+``checkpoints/epochNNN.ckpt`` every ``checkpoint_every`` epochs), then ``model.pt`` (the
+weights with their config) and ``config.yaml`` as soon as training ends, then
+``results.json``. ``run(cfg, resume=True)`` continues a killed run from ``last.ckpt``
+and ends with the same weights as an uninterrupted run (on CPU).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
+import math
+import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -21,6 +27,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from lcr_lightly.atomic import atomic_path, atomic_write
+from lcr_lightly.checkpointing import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    ConfigInCheckpoint,
+    EpochSeededLoader,
+    read_checkpoint,
+    save_model,
+)
+from lcr_lightly.config import DATASETS, ConfigError, ExperimentConfig
 from lcr_lightly.data import (
     CUB200,
     SyntheticFineGrained,
@@ -38,92 +54,38 @@ from lcr_lightly.eval import (
     localization_report,
     retrieval_metrics,
 )
-from lcr_lightly.losses import GradCAMFitLoss
 from lcr_lightly.models import METHODS, SmallResNet
 from lcr_lightly.wrap import with_common_rationale
 
-DATASETS = ("synthetic", "cub", "cars", "aircraft", "cifar100", "imagefolder")
+__all__ = [
+    "DATASETS",
+    "ConfigError",
+    "DataBundle",
+    "EvaluationError",
+    "ExperimentConfig",
+    "SupervisedClassifier",
+    "evaluate",
+    "fit",
+    "format_table",
+    "last_checkpoint",
+    "load_model",
+    "localize",
+    "make_backbone",
+    "make_data",
+    "make_model",
+    "mean_std",
+    "pretrain_generic_init",
+    "run",
+    "save_run",
+]
+
+CHECKPOINT_DIR = "checkpoints"
+# Fields that may differ between a killed run and its resumption.
+RESUME_FREE = ("out_dir", "progress", "num_workers", "accelerator", "checkpoint_every")
 
 
-@dataclass
-class ExperimentConfig:
-    """Everything that defines one pretraining + evaluation run.
-
-    Attributes mirror the CLI flags (``--epochs 20`` sets ``epochs``). The defaults are
-    the CPU demo's; ``benchmarks/configs/*.yaml`` hold the paper's settings.
-    """
-
-    # method
-    method: str = "mocov2"
-    lcr: bool = True
-    k: int = 32
-    weight: float = 0.01
-    tau: float = 0.4
-    target: str = "max"
-    head: str = "raw"
-    direction: str = "forward"
-    detach_target: bool = True
-    reduction: str = "batchmean"
-    official_loss: bool = False
-    detach_features: bool = False
-    gradcam_mode: str = "elementwise"
-    views: str = "all"
-    pool_in_training: bool = False
-    normalize: str = "image"
-    head_hidden: Optional[int] = None
-    # backbone
-    backbone: str = "small_resnet"
-    widths: List[int] = field(default_factory=lambda: [16, 32, 64, 128])
-    weights: Optional[str] = None
-    # data
-    dataset: str = "synthetic"
-    data_root: Optional[str] = None
-    image_size: int = 64
-    num_classes: int = 10
-    images_per_class: int = 40
-    test_images_per_class: int = 20
-    data_seed: int = 0
-    min_scale: float = 0.2
-    # optimisation
-    epochs: int = 20
-    batch_size: int = 64
-    lr: Optional[float] = None
-    warmup_epochs: float = 0.0
-    memory_bank_size: int = 256
-    precision: str = "32-true"
-    seed: int = 0
-    num_workers: int = 0
-    devices: int = 1
-    accelerator: str = "auto"
-    # output
-    out_dir: str = "outputs/run"
-    progress: bool = True
-
-    def loss(self) -> GradCAMFitLoss:
-        """The configured GradCAMFitLoss."""
-        if self.official_loss:
-            return GradCAMFitLoss.official()
-        return GradCAMFitLoss(
-            tau=self.tau,
-            target=self.target,
-            head=self.head,
-            direction=self.direction,
-            detach_target=self.detach_target,
-            reduction=self.reduction,
-        )
-
-    @classmethod
-    def from_dict(cls, values: Dict[str, Any]) -> ExperimentConfig:
-        """Builds a config, rejecting unknown keys with their name."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Unknown config keys {unknown}; valid keys: {sorted(known)}.")
-        return cls(**values)
-
-    def to_dict(self) -> Dict[str, Any]:
-        """The config as a plain dict."""
-        return dataclasses.asdict(self)
+class EvaluationError(RuntimeError):
+    """Evaluation failed after training; the trained model is saved (message: one line)."""
 
 
 @dataclass
@@ -191,9 +153,7 @@ def make_data(cfg: ExperimentConfig) -> DataBundle:
         ),
     }
     if cfg.dataset == "imagefolder":
-        if cfg.data_root is None:
-            raise ValueError("dataset 'imagefolder' needs data_root with train/ and test/.")
-        root = Path(cfg.data_root)
+        root = Path(str(cfg.data_root))
         make_train = lambda t: image_folder(root / "train", t)  # noqa: E731
         make_test = lambda t: image_folder(  # noqa: E731
             root / "test", t, classes=image_folder(root / "train").classes
@@ -201,7 +161,7 @@ def make_data(cfg: ExperimentConfig) -> DataBundle:
     elif cfg.dataset in pairs:
         make_train, make_test = pairs[cfg.dataset]
     else:
-        raise ValueError(f"Unknown dataset {cfg.dataset!r}; expected one of {DATASETS}.")
+        raise ConfigError(f"dataset: unknown dataset {cfg.dataset!r}; expected one of {DATASETS}.")
     train_eval: Any = make_train(tf)
     labels = getattr(train_eval, "targets", None) or getattr(train_eval, "_labels", None)
     classes = int(max(labels)) + 1 if labels is not None else len(train_eval.classes)
@@ -215,7 +175,7 @@ def make_backbone(cfg: ExperimentConfig) -> nn.Module:
     import torchvision
 
     if not hasattr(torchvision.models, cfg.backbone):
-        raise ValueError(f"Unknown backbone {cfg.backbone!r}.")
+        raise ConfigError(f"backbone: unknown backbone {cfg.backbone!r}.")
     return getattr(torchvision.models, cfg.backbone)(weights=None)
 
 
@@ -230,7 +190,14 @@ def make_model(cfg: ExperimentConfig, num_classes: Optional[int] = None) -> pl.L
         The LightningModule.
     """
     if cfg.method not in METHODS:
-        raise ValueError(f"Unknown method {cfg.method!r}; expected one of {sorted(METHODS)}.")
+        raise ConfigError(
+            f"method: unknown method {cfg.method!r}; expected one of {sorted(METHODS)}."
+        )
+    if cfg.weights is not None and not Path(cfg.weights).is_file():
+        raise ConfigError(
+            f"weights: file {cfg.weights} does not exist (lcr-lightly never downloads weights; "
+            "pass weights null to start from random initialisation)."
+        )
     pl.seed_everything(cfg.seed, verbose=False)
     kwargs: Dict[str, Any] = dict(
         backbone=make_backbone(cfg),
@@ -266,43 +233,142 @@ def make_model(cfg: ExperimentConfig, num_classes: Optional[int] = None) -> pl.L
     return model
 
 
-def fit(cfg: ExperimentConfig, model: pl.LightningModule, data: DataBundle) -> pl.LightningModule:
+def last_checkpoint(cfg: ExperimentConfig) -> Path:
+    """Where a run's latest training checkpoint is (``<out_dir>/checkpoints/last.ckpt``)."""
+    return Path(cfg.out_dir) / CHECKPOINT_DIR / "last.ckpt"
+
+
+def check_steps(cfg: ExperimentConfig, data: DataBundle) -> None:
+    """Refuses a batch larger than the training set (``drop_last`` would leave no step).
+
+    Raises:
+        ConfigError: If an epoch would have no training step.
+    """
+    images = len(data.ssl_train)  # type: ignore[arg-type]
+    per_device = math.ceil(images / cfg.devices)
+    if per_device < cfg.batch_size:
+        where = f"{per_device} per device" if cfg.devices > 1 else f"{images} images"
+        raise ConfigError(
+            f"batch_size: {cfg.batch_size} is larger than the training set ({where}); with "
+            f"drop_last no training step would run. Use a batch size of {per_device} or less."
+        )
+
+
+def check_resumable(cfg: ExperimentConfig, path: Path, stored: Optional[Dict[str, Any]]) -> None:
+    """Refuses to resume a checkpoint that was trained with other settings.
+
+    Args:
+        cfg: The config of the resumed run.
+        path: The checkpoint.
+        stored: The config stored in it.
+
+    Raises:
+        CheckpointError: If the checkpoint holds no lcr-lightly config.
+        ConfigError: If a training setting differs (``RESUME_FREE`` fields may).
+    """
+    if stored is None:
+        raise CheckpointError(
+            f"not a readable lcr-lightly checkpoint: {path} (it holds no lcr-lightly config)"
+        )
+    current = cfg.to_dict()
+    changed = [
+        k for k in current if k in stored and k not in RESUME_FREE and stored[k] != current[k]
+    ]
+    if changed:
+        diffs = ", ".join(f"{k}={stored[k]!r} there but {current[k]!r} now" for k in changed)
+        raise ConfigError(
+            f"cannot resume {path}: it was trained with other settings ({diffs}); resume with "
+            "the same settings or start over."
+        )
+
+
+def _checkpoint_callbacks(folder: Path, every: int) -> List[pl.Callback]:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    # enable_version_counter=False: overwrite, never write a "last-v1.ckpt" beside a stale file
+    common: Dict[str, Any] = dict(dirpath=folder, enable_version_counter=False)
+    periodic: Dict[str, Any] = dict(
+        filename="epoch{epoch:03d}", auto_insert_metric_name=False, save_top_k=-1
+    )
+    if every == 1:  # one callback: every epoch's file and last.ckpt
+        return [ModelCheckpoint(every_n_epochs=1, save_last=True, **periodic, **common)]
+    last = ModelCheckpoint(filename="last", every_n_epochs=1, **common)
+    if every == 0:
+        return [last]
+    return [last, ModelCheckpoint(every_n_epochs=every, **periodic, **common)]
+
+
+def fit(
+    cfg: ExperimentConfig, model: pl.LightningModule, data: DataBundle, resume: bool = False
+) -> pl.LightningModule:
     """Trains a model with a Lightning Trainer (CSV log of losses and learning rate).
+
+    Checkpoints go to ``<out_dir>/checkpoints`` (see the module docstring). Every epoch
+    is seeded from ``(cfg.seed, epoch)`` (:class:`EpochSeededLoader`), so a resumed run
+    replays exactly what the killed run would have done.
 
     Args:
         cfg: The experiment config.
         model: The model.
         data: The data bundle.
+        resume: Continue from ``checkpoints/last.ckpt`` (optimizer, schedule, MoCo queue,
+            epoch); otherwise checkpoints of an earlier run in ``out_dir`` are deleted.
 
     Returns:
         The trained model.
+
+    Raises:
+        ConfigError: If the batch is larger than the training set, or the checkpoint
+            to resume was trained with other settings.
+        CheckpointError: If the checkpoint to resume is missing or unreadable.
     """
     from pytorch_lightning.callbacks import LearningRateMonitor
     from pytorch_lightning.loggers import CSVLogger
 
-    pl.seed_everything(cfg.seed, verbose=False)
-    loader = DataLoader(
-        data.ssl_train,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,
-    )
+    check_steps(cfg, data)
+    folder = Path(cfg.out_dir) / CHECKPOINT_DIR
+    ckpt_path: Optional[Path] = None
+    first_epoch = 0
+    if resume:
+        ckpt_path = last_checkpoint(cfg)
+        if not ckpt_path.is_file():
+            raise CheckpointError(
+                f"nothing to resume: {ckpt_path} does not exist (no epoch of a run in "
+                f"{cfg.out_dir} has finished)"
+            )
+        saved = read_checkpoint(ckpt_path, training=True)
+        check_resumable(cfg, ckpt_path, saved.config)
+        first_epoch = int(saved.epoch or 0) + 1  # last.ckpt is written when an epoch ends
+    else:
+        for stale in folder.glob("*.ckpt"):  # an earlier run's: never resume those
+            stale.unlink()
     trainer = pl.Trainer(
         max_epochs=cfg.epochs,
         accelerator=cfg.accelerator,
         devices=cfg.devices,
-        precision=cfg.precision,  # type: ignore[arg-type]
+        precision=cfg.precision,
         logger=CSVLogger(cfg.out_dir, name="logs"),
-        callbacks=[LearningRateMonitor(logging_interval="step")],
-        enable_checkpointing=False,
+        callbacks=[
+            LearningRateMonitor(logging_interval="step"),
+            ConfigInCheckpoint(cfg.to_dict()),
+            *_checkpoint_callbacks(folder, cfg.checkpoint_every),
+        ],
+        plugins=[AtomicCheckpointIO()],
         enable_progress_bar=cfg.progress,
         enable_model_summary=False,
         log_every_n_steps=1,
         deterministic=False,
     )
-    trainer.fit(model, loader)
+    loader = EpochSeededLoader(
+        data.ssl_train,
+        seed=cfg.seed,
+        first_epoch=first_epoch,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=cfg.num_workers,
+    )
+    trainer.fit(model, loader, ckpt_path=ckpt_path)
     return model
 
 
@@ -379,35 +445,54 @@ def localize(features: Dict[str, Tensor], objects: Tensor, parts: Tensor) -> Dic
     return out
 
 
-def run(cfg: ExperimentConfig, data: Optional[DataBundle] = None) -> Dict[str, Any]:
+def run(
+    cfg: ExperimentConfig, data: Optional[DataBundle] = None, resume: bool = False
+) -> Dict[str, Any]:
     """Builds, trains and evaluates one configuration; writes ``results.json``.
+
+    The trained model is saved (``model.pt``, ``config.yaml``) before the evaluation
+    starts, so an evaluation failure keeps it.
 
     Args:
         cfg: The experiment config.
         data: A data bundle to reuse (built from ``cfg`` when None).
+        resume: Continue the run in ``cfg.out_dir`` from ``checkpoints/last.ckpt``.
 
     Returns:
         ``{"config": ..., "results": ..., "train_seconds": ...}``.
+
+    Raises:
+        EvaluationError: If the evaluation fails (the message says how to re-run it).
     """
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     data = data or make_data(cfg)
     model = make_model(cfg, num_classes=None)
     start = time.time()
     if cfg.epochs > 0:
-        fit(cfg, model, data)
+        fit(cfg, model, data, resume=resume)
     elapsed = time.time() - start
-    results = evaluate(model, data, cfg)
+    out_dir = save_run(cfg, model)
+    try:
+        results = evaluate(model, data, cfg)
+    except Exception as err:
+        reason = str(err).strip().splitlines()
+        checkpoint = shlex.quote(str(out_dir / "model.pt"))
+        raise EvaluationError(
+            f"evaluation failed ({type(err).__name__}: {reason[0] if reason else ''}); the "
+            f"trained model is saved, re-run the evaluation with: lcr-lightly evaluate "
+            f"--checkpoint {checkpoint}"
+        ) from err
     out = {"config": cfg.to_dict(), "results": results, "train_seconds": elapsed}
-    save_run(cfg, model)
-    Path(cfg.out_dir, "results.json").write_text(json.dumps(out, indent=2))
+    atomic_write(out_dir / "results.json", json.dumps(out, indent=2))
     return out
 
 
 def save_run(cfg: ExperimentConfig, model: nn.Module) -> Path:
-    """Writes ``model.pt`` (state_dict) and ``config.yaml`` into ``cfg.out_dir``.
+    """Writes ``model.pt`` (weights and config) and ``config.yaml`` into ``cfg.out_dir``.
 
-    ``lcr-lightly evaluate/visualize --config <dir>/config.yaml --checkpoint
-    <dir>/model.pt`` then rebuilds exactly this model.
+    Both are written atomically; the config inside ``model.pt`` is the one that counts
+    (``config.yaml`` is a copy for reading and editing), so ``lcr-lightly
+    evaluate/visualize --checkpoint <dir>/model.pt`` rebuilds exactly this model.
 
     Args:
         cfg: The run's config.
@@ -419,10 +504,46 @@ def save_run(cfg: ExperimentConfig, model: nn.Module) -> Path:
     import yaml
 
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out / "model.pt")
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=True))
+    save_model(out / "model.pt", model.state_dict(), cfg.to_dict())
+    atomic_write(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=True))
     return out
+
+
+def load_model(cfg: ExperimentConfig, checkpoint: Path) -> pl.LightningModule:
+    """Builds the configured model and loads weights from a checkpoint into it.
+
+    Args:
+        cfg: The config (its model fields must match the checkpoint's).
+        checkpoint: A ``model.pt``, a Lightning ``.ckpt`` or a plain ``state_dict`` file.
+
+    Returns:
+        The model with the checkpoint's weights.
+
+    Raises:
+        CheckpointError: If the file is unreadable or its weights do not fit the model.
+        ConfigError: If ``cfg.lcr`` disagrees with the checkpoint.
+    """
+    state = read_checkpoint(checkpoint).state_dict
+    model = make_model(cfg)
+    has_head = any(k.startswith("common_rationale.") for k in state)
+    if has_head != cfg.lcr:
+        raise ConfigError(
+            f"lcr: checkpoint {checkpoint} {'has' if has_head else 'has no'} LCR head but the "
+            f"config says lcr={cfg.lcr}; pass --{'lcr' if has_head else 'no-lcr'}."
+        )
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        own = model.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+        raise CheckpointError(
+            f"not a readable lcr-lightly checkpoint: {checkpoint} (its weights do not fit the "
+            f"configured model: {len(missing)} missing {missing[:2]}, {len(unexpected)} "
+            f"unexpected {unexpected[:2]}, {len(shapes)} of another shape {shapes[:2]})"
+        ) from None
+    return model
 
 
 def format_table(rows: List[Tuple[str, Dict[str, float]]], keys: List[str]) -> str:
@@ -553,8 +674,8 @@ def pretrain_generic_init(
         for x, y in DataLoader(test, batch_size=128):
             correct += int((model(x).argmax(1) == y).sum())
             total += len(y)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    torch.save(backbone.state_dict(), out_path)
+    with atomic_path(out_path) as tmp:
+        torch.save(backbone.state_dict(), tmp)
     return {
         "train_acc": float(trainer.callback_metrics.get("train_acc", torch.tensor(0.0))),
         "test_acc": correct / max(total, 1),

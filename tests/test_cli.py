@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from lcr_lightly.cli import build_parser, load_config, main
+from lcr_lightly.cli import main, parse
 
 TINY_FLAGS = [
     "--widths",
@@ -27,20 +27,22 @@ TINY_FLAGS = [
 ]
 
 
-def test_config_file_and_overrides(tmp_path):
+def test_config_file_and_overrides(tmp_path, capsys):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("epochs: 7\nweight: 0.1\nlcr: false\n")
-    args = build_parser().parse_args(
-        ["pretrain", "--config", str(cfg_file), "--epochs", "2", "--lcr"]
-    )
-    cfg = load_config(args)
+    _, cfg = parse(["pretrain", "--config", str(cfg_file), "--epochs", "2", "--lcr"])
     assert (cfg.epochs, cfg.weight, cfg.lcr) == (2, 0.1, True)
+    _, cfg = parse(["pretrain", "--lcr", "false", "--config", str(cfg_file), "--no-lcr"])
+    assert (cfg.epochs, cfg.lcr) == (7, False)
     bad = tmp_path / "bad.yaml"
     bad.write_text("epoch: 3\n")
-    with pytest.raises(SystemExit, match="Unknown config keys"):
-        load_config(build_parser().parse_args(["pretrain", "--config", str(bad)]))
-    with pytest.raises(SystemExit, match="does not exist"):
-        load_config(build_parser().parse_args(["pretrain", "--config", str(tmp_path / "no.yaml")]))
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain", "--config", str(bad)])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == "error: unknown config key 'epoch'; did you mean 'epochs'?\n"
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain", "--config", str(tmp_path / "no.yaml")])
+    assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err
 
 
 def test_pretrain_evaluate_visualize_end_to_end(tmp_path, capsys):
@@ -63,10 +65,13 @@ def test_pretrain_evaluate_visualize_end_to_end(tmp_path, capsys):
         ]
     )
     assert fig.stat().st_size > 1000 and (tmp_path / "fig_projections.png").exists()
-    with pytest.raises(SystemExit, match="has LCR head"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
         main(["evaluate", *TINY_FLAGS, "--no-lcr", "--checkpoint", str(out / "model.pt")])
-    with pytest.raises(SystemExit, match="does not exist"):
+    assert exc.value.code == 2 and "has LCR head" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
         main(["evaluate", *TINY_FLAGS, "--checkpoint", str(tmp_path / "none.pt")])
+    assert exc.value.code == 2 and "(no such file)" in capsys.readouterr().err
 
 
 def test_export_synthetic(tmp_path):
@@ -109,4 +114,5 @@ def test_console_script_help():
         capture_output=True,
         text=True,
     )
-    assert res.returncode == 2 and "invalid int value" in res.stderr
+    assert res.returncode == 2
+    assert res.stderr == "error: epochs: invalid value 'x'; expected an integer >= 0.\n"

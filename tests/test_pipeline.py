@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lcr_lightly.pipeline import (
+    ConfigError,
     ExperimentConfig,
     evaluate,
     format_table,
@@ -72,12 +73,14 @@ def test_init_weights_load_and_bad_config(tiny_init):
     model = make_model(cfg)
     state = torch.load(path)
     assert torch.equal(model.backbone.conv1.weight, state["conv1.weight"])
-    with pytest.raises(ValueError, match="Unknown config keys \\['epoch'\\]"):
+    with pytest.raises(ConfigError, match="unknown config key 'epoch'; did you mean 'epochs'"):
         ExperimentConfig.from_dict({"epoch": 3})
-    with pytest.raises(ValueError, match="Unknown dataset"):
-        make_data(ExperimentConfig(dataset="imagenet"))
-    with pytest.raises(ValueError, match="Unknown method"):
-        make_model(ExperimentConfig(method="dino"))
+    with pytest.raises(ConfigError, match="dataset: invalid value 'imagenet'; expected one of"):
+        ExperimentConfig(dataset="imagenet")
+    with pytest.raises(ConfigError, match="method: invalid value 'dino'; expected one of"):
+        ExperimentConfig(method="dino")
+    with pytest.raises(ConfigError, match="weights: file .*missing.pth does not exist"):
+        make_model(ExperimentConfig(weights=str(Path(path).with_name("missing.pth"))))
 
 
 def test_evaluate_is_deterministic(tmp_path):

@@ -97,9 +97,10 @@ class PoolingCheck(OwnedHook):
         owner.pool_calls_seen = owner.pool_calls
         if module.training or owner.pooling != "rationale" or pooled:
             return
+        pools = ", ".join(map(repr, owner.pool_names))
         warnings.warn(
             f"{type(module).__name__}(x) ran in eval mode with rationale pooling, but none of "
-            f"the pools LCR hooks ({', '.join(owner.pool_names)}) ran: its output is not "
+            f"the pools LCR hooks ({pools}) ran: its output is not "
             "rationale-pooled. Its forward evaluates another encoder or pools functionally; "
             "pool the feature map with common_rationale.head.pool(map), or pass pool=.",
             RuntimeWarning,

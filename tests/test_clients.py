@@ -83,7 +83,7 @@ BACKBONES: Dict[str, Backbone] = {
     "timm/mobilenetv2_100": Backbone(_timm("mobilenetv2_100"), 64, "bn2", "global_pool.pool"),
     "timm/convnext_atto": Backbone(_timm("convnext_atto"), 64, "stages", "head.global_pool.pool"),
     "timm/regnetx_002": Backbone(_timm("regnetx_002"), 64, "s4", "head.global_pool.pool"),
-    "timm/densenet121": Backbone(  # the DenseNet-121 class, fewer and narrower layers
+    "timm/densenet121 (narrow)": Backbone(  # the DenseNet-121 class, fewer, narrower layers
         _timm("densenet121", growth_rate=8, block_config=(2, 2, 2, 2)),
         64,
         "features",
@@ -329,6 +329,22 @@ class MultiCrop(Dataset):
 def multi_crop_batch(b: int = 4) -> Tuple[List[Tensor], Tensor]:
     return next(iter(DataLoader(MultiCrop(b), batch_size=b)))
 
+
+class Client(NamedTuple):
+    """A tested SSL method shape: its factory and a batch for one training step."""
+
+    build: Callable[[], LightningModule]
+    batch: Callable[[], Any]
+
+
+CLIENTS: Dict[str, Client] = {
+    "lightly SwAV (multi-crop, loss of shape (1,))": Client(SwAVClient, multi_crop_batch),
+    "lightly DINO, ResNet (teacher in `backbone`)": Client(DINOClient, multi_crop_batch),
+    "lightly DINO, ViT (teacher in `backbone`)": Client(DINOViTClient, multi_crop_batch),
+    "solo-learn BYOL (`momentum_backbone`)": Client(
+        SoloLearnClient, lambda: two_view_batch(b=4, size=32)
+    ),
+}
 
 # ------------------------------------------------------------------------------ checks
 

@@ -342,7 +342,8 @@ class CommonRationale(nn.Module):
         depend on, e.g. extra monitoring forwards, are skipped). Clears the capture.
 
         Args:
-            ssl_loss: The scalar self-supervised loss of this step.
+            ssl_loss: The scalar self-supervised loss of this step (a one-element tensor,
+                e.g. lightly's ``SwaVLoss`` of shape (1,), counts as a scalar).
             check_finite: Check GradCAM and KL for NaN/inf here (each check waits for the
                 device); the wrapped training step passes False and checks the total once.
 
@@ -354,6 +355,8 @@ class CommonRationale(nn.Module):
             RuntimeError: If no online feature map was captured.
             FloatingPointError: On non-finite values with ``nonfinite="error"``.
         """
+        if ssl_loss.dim() != 0 and ssl_loss.numel() == 1:
+            ssl_loss = ssl_loss.reshape(())
         live = [i for i, site in enumerate(self.sites) if site.capture is not None]
         outputs: List[Tensor] = []
         owners: List[int] = []

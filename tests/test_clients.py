@@ -36,7 +36,7 @@ from pytorch_lightning import LightningModule
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lcr_lightly import release, set_pooling, with_common_rationale
+from lcr_lightly import attach, release, set_pooling, with_common_rationale
 from lcr_lightly.wrap import CommonRationale
 from tests.conftest import quiet_trainer, tiny_resnet, two_view_batch
 
@@ -506,6 +506,27 @@ def test_swav_multi_crop_with_a_loss_of_shape_one() -> None:
     train_steps(model, batch)
     check_eval_pooling(model, model.backbone.avgpool, batch[0][0])
     check_release_restores_gap(model, reference, batch[0][0])
+
+
+def test_functional_kl_term_accepts_a_loss_of_shape_one() -> None:
+    torch.manual_seed(0)
+    client = SwAVClient()
+    lcr = attach(client.backbone, k=4)
+    crops, _ = multi_crop_batch()
+
+    def swav_loss() -> Tensor:
+        logits = [
+            client.prototypes(nn.functional.normalize(client.projection_head(client(c)), dim=1))
+            for c in crops
+        ]
+        return client.criterion(logits[:2], logits[2:])
+
+    loss = swav_loss()
+    assert loss.shape == (1,)
+    kl_vector = lcr.kl_term(loss)
+    kl_scalar = lcr.kl_term(swav_loss().reshape(()))  # same weights and crops
+    assert kl_vector is not None and kl_scalar is not None and kl_vector.dim() == 0
+    torch.testing.assert_close(kl_vector, kl_scalar, rtol=0, atol=0)
 
 
 def test_dino_online_encoder_is_the_student_and_the_teacher_pools_at_inference() -> None:

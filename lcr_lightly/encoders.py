@@ -117,7 +117,7 @@ def encoder_group(
     children = dict(model.named_children())
     if primary is None:
         names = [n for n, _ in found]
-        if "backbone" in names:
+        if "backbone" in children:  # even without a conv: the resolver then says why
             primary = "backbone"
         elif len({architecture(m) for _, m in found}) == 1:
             primary = names[0]

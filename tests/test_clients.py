@@ -629,6 +629,14 @@ def test_functional_pooling_is_refused_at_wrap_time_with_what_to_pass() -> None:
     with pytest.raises(ValueError, match=r"pools functionally.*layer=.*'layer4' \(2, 512, 2, 2\)"):
         with_common_rationale(FunctionalPool(backbone, 512))
 
+    # With layer= it trains as before; rationale pooling is then unavailable, loudly.
+    model = with_common_rationale(FunctionalPool(backbone, 512), k=4, layer="backbone.layer4")
+    lcr = _lcr(model)
+    assert lcr.pool_names == [] and lcr.pooling == "gap" and lcr.head.in_channels == 512
+    train_steps(model, two_view_batch(b=2, size=64))
+    with pytest.raises(ValueError, match="consumes the output of 'backbone.layer4'"):
+        set_pooling(model, "rationale")
+
 
 def test_max_pooling_is_refused_at_wrap_time() -> None:
     backbone = timm.create_model("resnet18", pretrained=False, num_classes=0, global_pool="max")

@@ -9,7 +9,13 @@ Example:
 from lcr_lightly.gradcam import FeatureCapture, gradcam, tokens_to_map
 from lcr_lightly.heads import CommonRationaleHead, minmax_normalize, weighted_average_pool
 from lcr_lightly.hooks import count_hooks, remove_hooks
-from lcr_lightly.layers import find_feature_layer, find_global_pool, resolve_layer
+from lcr_lightly.layers import (
+    FeaturePath,
+    find_feature_layer,
+    find_feature_path,
+    find_global_pool,
+    resolve_layer,
+)
 from lcr_lightly.losses import GradCAMFitLoss
 from lcr_lightly.wrap import (
     CommonRationale,
@@ -25,11 +31,13 @@ __version__ = "0.1.0"
 __all__ = [
     "CommonRationale",
     "CommonRationaleHead",
+    "FeaturePath",
     "FeatureCapture",
     "GradCAMFitLoss",
     "attach",
     "count_hooks",
     "find_feature_layer",
+    "find_feature_path",
     "find_global_pool",
     "gradcam",
     "minmax_normalize",

@@ -64,6 +64,7 @@ class FeatureCapture(LayerHook):
         training_only: Record only while ``layer.training`` is True.
         require_grad: Record only outputs that require gradient (the online path of a
             training step); False records every output, e.g. to tap features in eval.
+        name: Dotted name of the layer, used in messages (its class name if None).
 
     Example:
         >>> with FeatureCapture(backbone.layer4) as capture:
@@ -77,10 +78,12 @@ class FeatureCapture(LayerHook):
         reshape: Optional[Reshape] = None,
         training_only: bool = True,
         require_grad: bool = True,
+        name: Optional[str] = None,
     ) -> None:
         self.reshape = reshape
         self.training_only = training_only
         self.require_grad = require_grad
+        self.name = name or type(layer).__name__
         self.outputs: List[Tensor] = []
         super().__init__(layer)
 
@@ -108,7 +111,7 @@ class FeatureCapture(LayerHook):
         fmap = self.reshape(out) if self.reshape is not None else out
         if fmap.dim() != 4:
             raise ValueError(
-                f"The captured layer ({type(module).__name__}) produced a "
+                f"The captured layer {self.name!r} produced a "
                 f"{fmap.dim()}-D output of shape {tuple(fmap.shape)}; LCR needs a 4-D map "
                 "(B, C, H, W). Choose a convolutional stage with layer=..., or pass "
                 "reshape=tokens_to_map for ViT tokens."

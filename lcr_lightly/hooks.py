@@ -33,6 +33,27 @@ class _WeakHook:
         return (_WeakHook, (None,))
 
 
+class OwnedHook:
+    """A forward hook object that copies and pickles together with its module.
+
+    For hooks on the wrapped model itself: a copy of the model gets a working copy of
+    the hook (holding the copy's state, e.g. its own ``common_rationale``), with nothing
+    to re-register. Subclasses implement :meth:`on_forward`.
+    """
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        """The forward hook: calls :meth:`on_forward`."""
+        return self.on_forward(module, args, output)
+
+    def on_forward(self, module: nn.Module, args: Any, output: Any) -> Any:
+        """Called after ``module.forward``; a non-None return replaces the output."""
+        raise NotImplementedError
+
+
+def _ours(hook: Any) -> bool:
+    return isinstance(hook, (_WeakHook, OwnedHook))
+
+
 def _purge_dead(module: nn.Module) -> None:
     for key, hook in list(module._forward_hooks.items()):
         if isinstance(hook, _WeakHook) and (hook.ref is None or hook.ref() is None):
@@ -53,7 +74,7 @@ def remove_hooks(root: nn.Module) -> int:
     removed = 0
     for module in root.modules():
         for key, hook in list(module._forward_hooks.items()):
-            if isinstance(hook, _WeakHook):
+            if _ours(hook):
                 del module._forward_hooks[key]
                 module._forward_hooks_with_kwargs.pop(key, None)
                 module._forward_hooks_always_called.pop(key, None)
@@ -70,7 +91,7 @@ def count_hooks(root: nn.Module) -> int:
     Returns:
         The number of hooks.
     """
-    return sum(isinstance(h, _WeakHook) for m in root.modules() for h in m._forward_hooks.values())
+    return sum(_ours(h) for m in root.modules() for h in m._forward_hooks.values())
 
 
 _Self = TypeVar("_Self", bound="LayerHook")

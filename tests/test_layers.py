@@ -5,14 +5,14 @@ import torchvision
 from torch import nn
 
 from lcr_lightly import find_feature_layer, find_global_pool, resolve_layer
-from lcr_lightly.layers import infer_channels
+from lcr_lightly.layers import find_feature_path
 
 
 def test_torchvision_resnet():
     resnet = torchvision.models.resnet18()
     name, layer = find_feature_layer(resnet)
     assert name == "layer4" and layer is resnet.layer4
-    assert infer_channels(layer) == 512
+    assert find_feature_path(resnet).in_channels == 512
     assert find_global_pool(resnet, layer) == ("avgpool", resnet.avgpool)
 
 
@@ -28,9 +28,9 @@ def test_timm_resnet():
     model = timm.create_model("resnet18", pretrained=False, num_classes=0)
     name, layer = find_feature_layer(model)
     assert name == "layer4"
-    pool = find_global_pool(model, layer)
-    assert pool is not None and pool[0] == "global_pool"
-    assert infer_channels(layer) == 512
+    # The innermost module that averages: a classifier added later is never replaced.
+    assert find_global_pool(model, layer) == ("global_pool.pool", model.global_pool.pool)
+    assert find_feature_path(model).in_channels == 512
 
 
 def test_explicit_override_by_name_and_module():
@@ -49,21 +49,101 @@ def test_bad_name_lists_candidates():
 
 
 def test_non_conv_backbone_raises():
-    mlp = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.ReLU(), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match="no nn.Conv2d"):
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="no global average pooling module"):
         find_feature_layer(mlp)
 
 
-def test_functional_pooling_has_no_pool_module():
-    class FunctionalPool(nn.Module):
+class FunctionalPool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stage = nn.Conv2d(3, 4, 3, stride=16)
+
+    def forward(self, x):
+        return self.stage(x).mean(dim=(2, 3))
+
+
+def test_functional_pooling_is_refused_with_candidates():
+    model = FunctionalPool()
+    with pytest.raises(ValueError, match=r"pools functionally.*'stage' \(2, 4, 4, 4\)"):
+        find_feature_layer(model)
+    # An explicit layer still works; there is just no pool to replace.
+    path = find_feature_path(model, layer="stage")
+    assert (path.layer, path.pool, path.in_channels) == (model.stage, None, 4)
+    assert find_global_pool(model, model.stage) is None
+
+
+def test_feature_layer_is_the_module_whose_output_the_pool_consumes():
+    class Net(nn.Module):  # registration order differs from call order
         def __init__(self):
             super().__init__()
-            self.stage = nn.Conv2d(3, 4, 3)
+            self.stage = nn.Sequential(nn.Conv2d(3, 8, 3, stride=8), nn.ReLU())
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.head = nn.Conv2d(8, 8, 1)  # registered after the pool, runs before it
 
         def forward(self, x):
-            return self.stage(x).mean(dim=(2, 3))
+            return self.pool(self.head(self.stage(x))).flatten(1)
 
-    model = FunctionalPool()
-    _, layer = find_feature_layer(model)
-    assert find_global_pool(model, layer) is None
-    assert model(torch.randn(1, 3, 5, 5)).shape == (1, 4)
+    net = Net()
+    path = find_feature_path(net)
+    assert (path.layer_name, path.layer, path.pool_name) == ("head", net.head, "pool")
+    assert path.map_shape == (2, 8, 8, 8)
+
+
+def test_in_place_change_after_a_module_excludes_it():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, stride=8)
+            self.bn = nn.BatchNorm2d(8)
+            self.act = nn.ReLU(inplace=True)  # bn's output tensor, changed in place
+            self.pool = nn.AdaptiveAvgPool2d(1)
+
+        def forward(self, x):
+            return self.pool(self.act(self.bn(self.conv(x))))
+
+    net = Net()
+    assert find_feature_layer(net) == ("act", net.act)
+
+
+def test_max_and_catavgmax_pooling_are_refused():
+    for pool in ("max", "catavgmax", "avgmax"):
+        model = timm.create_model("resnet18", pretrained=False, num_classes=0, global_pool=pool)
+        with pytest.raises(ValueError, match="'global_pool.pool'.*not average pooling"):
+            find_feature_path(model)
+
+
+def test_one_by_one_map_is_refused():
+    net = nn.Sequential(nn.Conv2d(3, 4, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(ValueError, match=r"already 1x1.*'0' \(2, 4, 1, 1\)"):
+        find_feature_layer(net)
+
+
+def test_explicit_pool_gives_its_producer_and_mismatch_is_refused():
+    resnet = torchvision.models.resnet18()
+    path = find_feature_path(resnet, pool="avgpool")
+    assert (path.layer_name, path.layer) == ("layer4", resnet.layer4)
+    with pytest.raises(ValueError, match="consumes .* not the output of layer 'layer3'"):
+        find_feature_path(resnet, layer="layer3", pool="avgpool")
+
+
+def test_dry_forward_restores_modes_buffers_and_rng():
+    resnet = torchvision.models.resnet18()
+    resnet.train()
+    resnet.layer2.eval()
+    modes = [m.training for m in resnet.modules()]
+    buffers = [b.clone() for b in resnet.buffers()]
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    find_feature_path(resnet)
+    assert torch.equal(torch.rand(3), expected)
+    assert [m.training for m in resnet.modules()] == modes
+    assert all(torch.equal(a, b) for a, b in zip(buffers, resnet.buffers()))
+    assert int(resnet.bn1.num_batches_tracked) == 0
+
+
+def test_dry_forward_follows_device_dtype_and_channels():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, stride=16), nn.AdaptiveAvgPool2d(1)).double()
+    path = find_feature_path(net)
+    assert path.layer_name == "0" and path.map_shape == (2, 4, 4, 4)

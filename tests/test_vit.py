@@ -56,7 +56,8 @@ def test_detects_timm_lightly_and_torchvision_vits():
         image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64
     )
     name, layer, width, prefix = find_token_layer(tv)
-    assert (name, width, prefix) == ("encoder.layers.0", 32, 1)
+    assert (name, width, prefix) == ("encoder.layers.encoder_layer_0", 32, 1)
+    assert dict(tv.named_modules())[name] is layer
     assert find_token_layer(torchvision.models.resnet18()) is None
 
 

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torchvision
 from pytorch_lightning import LightningModule
 from torch import nn
 
@@ -87,7 +88,9 @@ def test_hooks_see_online_views_only():
     model.training_step(two_view_batch(), 0)
     # two online views; the momentum encoder's two forward passes are not captured
     assert seen == [[(8, 16, 4, 4), (8, 16, 4, 4)]]
-    assert count_hooks(model.momentum_backbone) == 0
+    # The momentum copy's pool is hooked for inference (eval only); its layer is not.
+    assert model.common_rationale.online_decided
+    assert count_hooks(model.momentum_backbone) == count_hooks(model.momentum_backbone.avgpool) == 1
 
 
 def test_deepcopy_after_wrapping_does_not_double_capture(toy):
@@ -139,7 +142,8 @@ def test_release_removes_everything(toy):
     toy.eval()
     gap = toy(x)
     model = with_common_rationale(toy, k=4)
-    assert "training_step" in model.__dict__ and count_hooks(model) == 2
+    # capture on layer4, pooling on avgpool, the pooling check on the model
+    assert "training_step" in model.__dict__ and count_hooks(model) == 3
     model.momentum = copy.deepcopy(model.backbone)  # leaves a dead copy of the hook
     lcr = release(model)
     assert isinstance(lcr, CommonRationale)
@@ -245,8 +249,17 @@ def test_errors_are_clear(toy):
         def training_step(self, batch, batch_idx):
             return self.encoder(batch).sum()
 
-    with pytest.raises(ValueError, match="no 'backbone'"):
-        with_common_rationale(NoBackbone())
+    # The only image encoder is found whatever its attribute name.
+    auto = with_common_rationale(NoBackbone(), k=4).common_rationale
+    assert (auto.layer_name, auto.pool_name) == ("encoder.layer4", "encoder.avgpool")
+
+    class TwoEncoders(NoBackbone):
+        def __init__(self):
+            super().__init__()
+            self.other = torchvision.models.resnet18()
+
+    with pytest.raises(ValueError, match="no 'backbone'.*'encoder'.*'other'"):
+        with_common_rationale(TwoEncoders())
     wrapped = with_common_rationale(NoBackbone(), layer="encoder.layer4", k=4)
     assert wrapped.common_rationale.capture.layer is wrapped.encoder.layer4
     with pytest.raises(ValueError, match="No layer named 'encoder.layer9'"):

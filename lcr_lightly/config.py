@@ -33,6 +33,8 @@ from typing import (
 from jsonargparse import ArgumentParser
 
 from lcr_lightly.losses import GradCAMFitLoss
+from lcr_lightly.models.backbones import is_known_backbone
+from lcr_lightly.models.pretrained import IMAGENET, IMAGENET_SOURCES
 
 if TYPE_CHECKING:  # static checkers see the plain number types
     PositiveInt = int
@@ -88,8 +90,12 @@ class ExperimentConfig:
     the CPU demo's; ``benchmarks/configs/*.yaml`` hold the paper's settings. Values are
     checked (and YAML strings such as ``"3e-2"`` or ``"false"`` converted) on
     construction; a bad value raises :class:`ConfigError` naming the field.
-    ``epochs: 0`` evaluates the initialisation only. ``checkpoint_every: N`` keeps a
-    checkpoint every N epochs besides ``checkpoints/last.ckpt`` (0: only the last).
+    ``epochs: 0`` evaluates the initialisation only. ``eval_split: val`` evaluates on a
+    validation split instead of the test split (the synthetic set's own ``val`` split of
+    ``test_images_per_class`` images per class; for real data 10 % of each training class,
+    held out of SSL training too), for choosing recipes without touching the test split.
+    ``checkpoint_every: N`` keeps a checkpoint every N epochs besides
+    ``checkpoints/last.ckpt`` (0: only the last).
     """
 
     # method
@@ -123,6 +129,7 @@ class ExperimentConfig:
     num_classes: PositiveInt = 10
     images_per_class: PositiveInt = 40
     test_images_per_class: PositiveInt = 20
+    eval_split: Literal["test", "val"] = "test"
     data_seed: Seed = 0
     min_scale: ScaleFloat = 0.2
     # optimisation
@@ -160,14 +167,17 @@ class ExperimentConfig:
                     f"widths: small_resnet needs 4 stage widths, got {self.widths} "
                     f"({len(self.widths)} values)."
                 )
-        else:
-            import torchvision
-
-            if not callable(getattr(torchvision.models, self.backbone, None)):
-                raise ConfigError(
-                    f"backbone: unknown backbone {self.backbone!r}; expected 'small_resnet' or "
-                    "a torchvision model name such as 'resnet50'."
-                )
+        elif not is_known_backbone(self.backbone):
+            raise ConfigError(
+                f"backbone: unknown backbone {self.backbone!r}; expected 'small_resnet', a "
+                "torchvision ResNet name such as 'resnet50' or a timm model name such as "
+                "'efficientnet_lite0'."
+            )
+        if self.weights == IMAGENET and self.backbone not in IMAGENET_SOURCES:
+            raise ConfigError(
+                f"weights: no ImageNet weights ship in a package for backbone {self.backbone!r} "
+                f"(available: {sorted(IMAGENET_SOURCES)}); pass a local weights file."
+            )
         if self.dataset == "imagefolder" and self.data_root is None:
             raise ConfigError(
                 "data_root: dataset 'imagefolder' needs data_root with train/ and test/."

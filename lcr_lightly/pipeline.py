@@ -19,13 +19,13 @@ import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from lcr_lightly.atomic import atomic_path, atomic_write
 from lcr_lightly.checkpointing import (
@@ -53,8 +53,11 @@ from lcr_lightly.eval import (
     linear_probe,
     localization_report,
     retrieval_metrics,
+    stratified_split,
 )
+from lcr_lightly.experiments.provenance import provenance
 from lcr_lightly.models import METHODS, SmallResNet
+from lcr_lightly.models.pretrained import IMAGENET
 from lcr_lightly.wrap import with_common_rationale
 
 __all__ = [
@@ -88,6 +91,10 @@ class EvaluationError(RuntimeError):
     """Evaluation failed after training; the trained model is saved (message: one line)."""
 
 
+# Fraction of each training class held out when ``eval_split`` is ``"val"`` (real data).
+VAL_FRACTION = 0.1
+
+
 @dataclass
 class DataBundle:
     """The three views of a data set an experiment needs."""
@@ -115,7 +122,7 @@ def make_data(cfg: ExperimentConfig) -> DataBundle:
         train = SyntheticFineGrained(images_per_class=cfg.images_per_class, **kw)  # type: ignore[arg-type]
         test = SyntheticFineGrained(
             images_per_class=cfg.test_images_per_class,
-            split="test",
+            split=cfg.eval_split,
             return_masks=True,
             transform=plain,
             **kw,  # type: ignore[arg-type]
@@ -165,18 +172,30 @@ def make_data(cfg: ExperimentConfig) -> DataBundle:
     train_eval: Any = make_train(tf)
     labels = getattr(train_eval, "targets", None) or getattr(train_eval, "_labels", None)
     classes = int(max(labels)) + 1 if labels is not None else len(train_eval.classes)
+    if cfg.eval_split == "val":  # carve a validation split out of train, for every use
+        if labels is None:
+            labels = [int(train_eval[i][1]) for i in range(len(train_eval))]
+        train_idx, val_idx = stratified_split(np.asarray(labels), VAL_FRACTION, cfg.data_seed)
+        return DataBundle(
+            Subset(make_train(views), train_idx.tolist()),
+            Subset(train_eval, train_idx.tolist()),
+            Subset(make_train(tf), val_idx.tolist()),
+            classes,
+            masks=False,
+        )
     return DataBundle(make_train(views), train_eval, make_test(tf), classes, masks=False)
 
 
-def make_backbone(cfg: ExperimentConfig) -> nn.Module:
-    """The backbone module (``small_resnet`` uses ``widths`` and a stride-8 stem)."""
+def make_backbone(cfg: ExperimentConfig) -> Union[nn.Module, str]:
+    """The backbone: a ``SmallResNet`` module (``widths``, stride-8 stem) or a name.
+
+    Names (torchvision ResNets, timm models) are built by
+    :func:`~lcr_lightly.models.build_backbone`, which also loads ``weights``
+    (``"imagenet"`` or a local file).
+    """
     if cfg.backbone == "small_resnet":
         return SmallResNet(widths=tuple(cfg.widths), small_input=True)
-    import torchvision
-
-    if not hasattr(torchvision.models, cfg.backbone):
-        raise ConfigError(f"backbone: unknown backbone {cfg.backbone!r}.")
-    return getattr(torchvision.models, cfg.backbone)(weights=None)
+    return cfg.backbone
 
 
 def make_model(cfg: ExperimentConfig, num_classes: Optional[int] = None) -> pl.LightningModule:
@@ -193,7 +212,7 @@ def make_model(cfg: ExperimentConfig, num_classes: Optional[int] = None) -> pl.L
         raise ConfigError(
             f"method: unknown method {cfg.method!r}; expected one of {sorted(METHODS)}."
         )
-    if cfg.weights is not None and not Path(cfg.weights).is_file():
+    if cfg.weights not in (None, IMAGENET) and not Path(str(cfg.weights)).is_file():
         raise ConfigError(
             f"weights: file {cfg.weights} does not exist (lcr-lightly never downloads weights; "
             "pass weights null to start from random initialisation)."
@@ -459,7 +478,9 @@ def run(
         resume: Continue the run in ``cfg.out_dir`` from ``checkpoints/last.ckpt``.
 
     Returns:
-        ``{"config": ..., "results": ..., "train_seconds": ...}``.
+        ``{"config": ..., "results": ..., "train_seconds": ..., "provenance": ...}``
+        (commit, library versions and the initial weights' hash, see
+        :mod:`lcr_lightly.experiments.provenance`).
 
     Raises:
         EvaluationError: If the evaluation fails (the message says how to re-run it).
@@ -482,7 +503,12 @@ def run(
             f"trained model is saved, re-run the evaluation with: lcr-lightly evaluate "
             f"--checkpoint {checkpoint}"
         ) from err
-    out = {"config": cfg.to_dict(), "results": results, "train_seconds": elapsed}
+    out = {
+        "config": cfg.to_dict(),
+        "results": results,
+        "train_seconds": elapsed,
+        "provenance": provenance(cfg.weights, cfg.backbone),
+    }
     atomic_write(out_dir / "results.json", json.dumps(out, indent=2))
     return out
 

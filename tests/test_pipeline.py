@@ -42,6 +42,20 @@ def test_run_writes_results_for_lcr_and_baseline(tmp_path):
         loc = out["results"]["localization"]
         assert 0 < loc["chance_part"] < loc["chance_object"] < 1
         assert (tmp_path / str(lcr) / "logs").exists()
+        assert saved["provenance"]["versions"]["torch"] == torch.__version__.split("+")[0]
+        assert saved["provenance"]["weights"] is None  # random initialisation
+
+
+def test_eval_split_val_evaluates_the_synthetic_val_split():
+    from lcr_lightly.data import SyntheticFineGrained
+
+    data = make_data(ExperimentConfig(eval_split="val", **TINY))
+    kw = dict(num_classes=3, images_per_class=3, image_size=32)
+    val = SyntheticFineGrained(split="val", **kw)
+    test = SyntheticFineGrained(split="test", **kw)
+    first = data.test_eval[0][0]
+    assert torch.equal(first, data.test_eval.transform(val[0][0]))
+    assert not torch.equal(first, data.test_eval.transform(test[0][0]))
 
 
 def test_same_seed_gives_same_backbone_with_and_without_lcr():

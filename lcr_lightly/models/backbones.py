@@ -187,6 +187,23 @@ def _timm_model(name: str) -> Optional[nn.Module]:
     return timm.create_model(name, pretrained=False, num_classes=0)
 
 
+def is_known_backbone(name: str) -> bool:
+    """Whether :func:`build_backbone` can build a backbone of this name."""
+    if name == "small_resnet" or _is_torchvision_resnet(name):
+        return True
+    try:
+        import timm
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return False
+    return bool(timm.is_model(name))
+
+
+def _is_torchvision_resnet(name: str) -> bool:
+    return name.startswith(("resnet", "resnext", "wide_resnet")) and hasattr(
+        torchvision.models, name
+    )
+
+
 def build_backbone(
     backbone: BackboneSpec = "resnet50",
     weights: Optional[Union[str, os.PathLike]] = None,
@@ -211,9 +228,7 @@ def build_backbone(
     if isinstance(backbone, str):
         if backbone == "small_resnet":
             module: nn.Module = SmallResNet()
-        elif backbone.startswith(("resnet", "resnext", "wide_resnet")) and hasattr(
-            torchvision.models, backbone
-        ):
+        elif _is_torchvision_resnet(backbone):
             module = getattr(torchvision.models, backbone)(weights=None)
         else:
             timm_model = _timm_model(backbone)

@@ -189,3 +189,21 @@ def test_pipeline_imagefolder_labels_match_across_splits(tmp_path):
     _class_folders(tmp_path / "test", ["ant", "dog"])
     with pytest.raises(ValueError, match="lack: dog"):
         make_data(ExperimentConfig(dataset="imagefolder", data_root=str(tmp_path)))
+
+
+def test_val_split_of_real_data_is_carved_from_train_and_held_out_of_ssl(tmp_path):
+    from lcr_lightly.pipeline import ExperimentConfig, make_data
+
+    for n in range(10):  # 10 images of each of 2 classes, all distinct
+        _jpg(tmp_path / "train/ant" / f"{n}.jpg", color=(n * 20, 0, 0))
+        _jpg(tmp_path / "train/bee" / f"{n}.jpg", color=(0, n * 20, 0))
+    _class_folders(tmp_path / "test", ["ant", "bee"])
+    data = make_data(
+        ExperimentConfig(dataset="imagefolder", data_root=str(tmp_path), eval_split="val")
+    )
+    files = lambda ds: {ds.dataset.samples[i][0] for i in ds.indices}  # noqa: E731
+    val, ssl, train = files(data.test_eval), files(data.ssl_train), files(data.train_eval)
+    assert len(val) == 2 and len(ssl) == len(train) == 18  # one image per class held out
+    assert not val & ssl and ssl == train
+    assert all("/train/" in path for path in val)  # the test split is not used
+    assert sorted(data.test_eval[i][1] for i in range(2)) == [0, 1]

@@ -17,11 +17,12 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
 from lcr_lightly.demo import demo_config, ensure_init
+from lcr_lightly.experiments.provenance import provenance
 from lcr_lightly.pipeline import ExperimentConfig, make_data, mean_std, run
 
 LOSS_VARIANTS: Dict[str, Dict[str, Any]] = {
@@ -151,14 +152,15 @@ def references(study: str, names: List[str]) -> Dict[str, str]:
     """``variant -> baseline variant`` it is compared with, seed by seed.
 
     ``methods``: ``"byol + LCR"`` against ``"byol"``; ``lr``: ``"LCR lr=x"`` against
-    ``"baseline lr=x"``; every other study: against ``"baseline (no LCR)"``. A baseline
-    maps to itself (its non-GAP poolings are compared with its GAP).
+    ``"baseline lr=x"`` (likewise in ``*_recipe`` grids); every other study: against
+    ``"baseline (no LCR)"``. A baseline maps to itself (its non-GAP poolings are compared
+    with its GAP).
     """
     out: Dict[str, str] = {}
     for name in names:
         if study == "methods":
             ref = name.replace(" + LCR", "")
-        elif study == "lr":
+        elif study == "lr" or study.endswith("_recipe"):
             ref = name.replace("LCR", "baseline")
         else:
             ref = "baseline (no LCR)"
@@ -203,6 +205,102 @@ def paired_table(rows: Dict[str, Dict[str, Dict[str, List[float]]]], pairs: Dict
     return title + "\n".join(lines) if len(lines) > 2 else ""
 
 
+def base_config(config: Optional[Path] = None, sets: Sequence[str] = ()) -> ExperimentConfig:
+    """The studies' base: the demo's settings, then a YAML file, then ``key=value`` pairs."""
+    base = demo_config("outputs/ablation", progress=False)
+    if config is not None:
+        base = replace(base, **yaml.safe_load(config.read_text()))
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in sets)}
+    base = replace(base, **overrides)
+    if base.weights is None and "weights" not in overrides:  # the synthetic generic-set init
+        base = replace(base, weights=ensure_init(None, Path("outputs"), progress=False))
+    return base
+
+
+def run_study(
+    study: str,
+    variants: Dict[str, Dict[str, Any]],
+    base: ExperimentConfig,
+    seeds: Sequence[int],
+    out: Path = Path("benchmarks/results"),
+    tag: str = "",
+    command: str = "",
+    rerun: bool = False,
+) -> Dict[str, List[Dict[str, Any]]]:
+    """Trains and evaluates every variant over seeds; writes ``<out>/<study><tag>.md/.json``.
+
+    Args:
+        study: Study name (file stem and output folder).
+        variants: ``{row name: config changes}``.
+        base: The base config.
+        seeds: Seeds.
+        out: Folder of the result files.
+        tag: Suffix of the result files.
+        command: The command that reproduces the study (shown in the table's header).
+        rerun: Train every run even if an identical one finished.
+
+    Returns:
+        ``{row name: [results of each seed]}``.
+    """
+    rows: Dict[str, Dict[str, Dict[str, List[float]]]] = {}
+    raw: Dict[str, List[Dict[str, Any]]] = {}
+    cache = {} if rerun else finished_runs(Path("outputs/ablation"))
+    data = make_data(base)
+    start = time.time()
+    split = "validation" if base.eval_split == "val" else "test"
+    for name, changes in variants.items():
+        per_seed = []
+        for seed in seeds:
+            cfg: ExperimentConfig = replace(
+                base, seed=seed, out_dir=f"outputs/ablation/{study}/{name}/{seed}", **changes
+            )
+            cached = cache.get(run_key(cfg.to_dict()))
+            if cached is not None:
+                res = json.loads(cached.read_text())["results"]
+                origin = f" (reused {cached.parent})"
+            else:
+                same_data = cfg.method == base.method and cfg.image_size == base.image_size
+                res = run(cfg, data if same_data else make_data(cfg))["results"]
+                origin = ""
+                if not rerun:  # a later variant of this study may be the same run
+                    cache[run_key(cfg.to_dict())] = Path(cfg.out_dir) / "results.json"
+            per_seed.append(res)
+            print(
+                f"[{time.time() - start:6.0f}s] {name} seed {seed}{origin}: "
+                + ", ".join(
+                    f"{p}/rank1={100 * r['rank1']:.1f}" for p, r in res.items() if "rank1" in r
+                ),
+                flush=True,
+            )
+        rows[name] = summarize(per_seed)
+        raw[name] = per_seed
+        out.mkdir(parents=True, exist_ok=True)
+        stem = out / f"{study}{tag}"
+        shown = {k: v for k, v in base.to_dict().items() if k != "progress"}
+        header = (
+            f"Study `{study}` on the synthetic set (CPU), seeds {list(seeds)}; base config:\n\n"
+            f"```\n{yaml.safe_dump(shown, sort_keys=True)}```\n"
+            f"Command: `{command}`\n\nMean ± std over seeds, in %. Retrieval: leave-one-out "
+            f"on the {split} split. kNN / linear: train split -> {split} split. Pointing: argmax "
+            f"of the map inside the mask ({split} split).\n\n"
+        )
+        paired = paired_table(rows, references(study, list(variants)))
+        stem.with_suffix(".md").write_text(header + table(rows) + paired + "\n")
+        stem.with_suffix(".json").write_text(
+            json.dumps(
+                {
+                    "base": base.to_dict(),
+                    "provenance": provenance(base.weights, base.backbone),
+                    "command": command,
+                    "runs": raw,
+                },
+                indent=2,
+            )
+        )
+    print(table(rows) + paired_table(rows, references(study, list(variants))))
+    return raw
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--study", choices=sorted(STUDIES), required=True)
@@ -216,68 +314,18 @@ def main() -> None:
         "--rerun", action="store_true", help="train every run even if an identical one finished"
     )
     args = parser.parse_args()
-
-    base = demo_config("outputs/ablation", progress=False)
-    if args.config is not None:
-        base = replace(base, **yaml.safe_load(args.config.read_text()))
-    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
-    base = replace(base, **overrides)
-    if "weights" not in overrides:  # the shipped init, or one trained on the generic set
-        base = replace(base, weights=ensure_init(base.weights, Path("outputs"), progress=False))
-    data = make_data(base)
     variants = STUDIES[args.study]
     if args.only:
         variants = {k: v for k, v in variants.items() if k in args.only}
-    rows: Dict[str, Dict[str, Dict[str, List[float]]]] = {}
-    raw: Dict[str, List[Dict[str, Any]]] = {}
-    cache = {} if args.rerun else finished_runs(Path("outputs/ablation"))
-    start = time.time()
-    for name, changes in variants.items():
-        per_seed = []
-        for seed in args.seeds:
-            cfg: ExperimentConfig = replace(
-                base, seed=seed, out_dir=f"outputs/ablation/{args.study}/{name}/{seed}", **changes
-            )
-            cached = cache.get(run_key(cfg.to_dict()))
-            if cached is not None:
-                res = json.loads(cached.read_text())["results"]
-                origin = f" (reused {cached.parent})"
-            else:
-                data_used = make_data(cfg) if cfg.method != base.method else data
-                res = run(cfg, data_used)["results"]
-                origin = ""
-                if not args.rerun:  # a later variant of this study may be the same run
-                    cache[run_key(cfg.to_dict())] = Path(cfg.out_dir) / "results.json"
-            per_seed.append(res)
-            print(
-                f"[{time.time() - start:6.0f}s] {name} seed {seed}{origin}: "
-                + ", ".join(
-                    f"{p}/rank1={100 * r['rank1']:.1f}" for p, r in res.items() if "rank1" in r
-                ),
-                flush=True,
-            )
-        rows[name] = summarize(per_seed)
-        raw[name] = per_seed
-        args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"{args.study}{args.tag}"
-        shown = {k: v for k, v in base.to_dict().items() if k != "progress"}
-        header = (
-            f"Study `{args.study}` on the synthetic set (CPU), seeds {args.seeds}; base config:\n\n"
-            f"```\n{yaml.safe_dump(shown, sort_keys=True)}```\n"
-            f"Command: `python benchmarks/synthetic_ablation.py --study {args.study} --seeds "
-            f"{' '.join(map(str, args.seeds))}"
-            + (f" --set {' '.join(args.set)}" if args.set else "")
-            + (f" --tag {args.tag}" if args.tag else "")
-            + "`\n\nMean ± std over seeds, in %. Retrieval: leave-one-out on the test split. "
-            "kNN / linear: train split -> test split. Pointing: argmax of the map inside the "
-            "mask (test split).\n\n"
-        )
-        paired = paired_table(rows, references(args.study, list(variants)))
-        stem.with_suffix(".md").write_text(header + table(rows) + paired + "\n")
-        stem.with_suffix(".json").write_text(
-            json.dumps({"base": base.to_dict(), "runs": raw}, indent=2)
-        )
-    print(table(rows) + paired_table(rows, references(args.study, list(variants))))
+    command = (
+        f"python benchmarks/synthetic_ablation.py --study {args.study} --seeds "
+        f"{' '.join(map(str, args.seeds))}"
+        + (f" --config {args.config}" if args.config else "")
+        + (f" --set {' '.join(args.set)}" if args.set else "")
+        + (f" --tag {args.tag}" if args.tag else "")
+    )
+    base = base_config(args.config, args.set)
+    run_study(args.study, variants, base, args.seeds, args.out, args.tag, command, args.rerun)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,8 @@ class ExperimentConfig:
     validation split instead of the test split (the synthetic set's own ``val`` split of
     ``test_images_per_class`` images per class; for real data 10 % of each training class,
     held out of SSL training too), for choosing recipes without touching the test split.
+    ``ema_momentum`` sets the momentum encoder's EMA momentum (MoCo v2's key encoder;
+    BYOL's value at step 0 of its cosine schedule to 1); None keeps the method's default.
     ``checkpoint_every: N`` keeps a checkpoint every N epochs besides
     ``checkpoints/last.ckpt`` (0: only the last).
     """
@@ -138,6 +140,7 @@ class ExperimentConfig:
     lr: Optional[FinitePositiveFloat] = None
     warmup_epochs: FiniteNonNegativeFloat = 0.0
     memory_bank_size: PositiveInt = 256
+    ema_momentum: Optional[ScaleFloat] = None
     precision: Literal["64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed"] = (
         "32-true"
     )
@@ -177,6 +180,11 @@ class ExperimentConfig:
             raise ConfigError(
                 f"weights: no ImageNet weights ship in a package for backbone {self.backbone!r} "
                 f"(available: {sorted(IMAGENET_SOURCES)}); pass a local weights file."
+            )
+        if self.ema_momentum is not None and self.method not in ("mocov2", "byol"):
+            raise ConfigError(
+                f"ema_momentum: {self.method} has no momentum encoder; ema_momentum applies "
+                "to mocov2 (key encoder) and byol (start of its cosine schedule)."
             )
         if self.dataset == "imagefolder" and self.data_root is None:
             raise ConfigError(

@@ -229,6 +229,8 @@ def make_model(cfg: ExperimentConfig, num_classes: Optional[int] = None) -> pl.L
     small = cfg.backbone == "small_resnet"
     if cfg.method == "mocov2":
         kwargs["memory_bank_size"] = cfg.memory_bank_size
+    if cfg.ema_momentum is not None:
+        kwargs["momentum" if cfg.method == "mocov2" else "momentum_start"] = cfg.ema_momentum
     if small:  # heads sized to the small backbone
         dim = cfg.widths[-1] * 4
         if cfg.method in ("mocov2", "simclr", "byol"):

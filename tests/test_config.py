@@ -145,3 +145,15 @@ def test_shipped_configs_load(path):
     _, cfg = parse(["pretrain", "--config", str(path)])
     assert {k: cfg.to_dict()[k] for k in values} == values
     assert ExperimentConfig.from_dict(values) == cfg
+
+
+def test_ema_momentum_reaches_the_momentum_encoder():
+    from lcr_lightly.pipeline import make_model
+
+    small = dict(widths=[8, 8, 16, 16], lcr=False)
+    assert make_model(ExperimentConfig(ema_momentum=0.99, **small)).momentum == 0.99
+    byol = make_model(ExperimentConfig(method="byol", ema_momentum=0.98, **small))
+    assert byol.momentum_start == 0.98
+    assert make_model(ExperimentConfig(**small)).momentum == 0.999  # MoCo v2's default
+    with pytest.raises(ConfigError, match="^ema_momentum: simclr has no momentum encoder"):
+        ExperimentConfig(method="simclr", ema_momentum=0.9)

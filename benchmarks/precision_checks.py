@@ -31,52 +31,36 @@ import torch
 from overhead import make
 from torch import Tensor, nn
 
-from lcr_lightly import gradcam
+from lcr_lightly import FeatureCapture, gradcam
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class Spy:
-    """Records the SSL loss and KL term of each step, and the dtypes entering the KL.
+def scaling_effect(model: nn.Module, views: List[Tensor], labels: Tensor) -> float:
+    """Relative L2 change of the first view's GradCAM made by the fp16 loss scaling.
 
-    The dtypes are the GradCAM target's, the head map's (autocast's dtype: the 1x1 conv
-    runs in low precision like the backbone) and the KL's.
+    Recomputes the SSL loss with the model's own (unwrapped) training step, the online
+    map recorded by a capture of the test's own, and compares :func:`gradcam` with its
+    default scaling against no scaling.
     """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.ssl: List[float] = []
-        self.kl: List[float] = []
-        self.dtypes: List[str] = []
-        self.cams: List[Tensor] = []
-        self.scaling_effect = float("nan")
-        lcr = model.common_rationale
-        kl_term, fit = lcr.kl_term, lcr.loss_fn.forward
-
-        def kl_spy(loss: Tensor, **kw: Any) -> Optional[Tensor]:
-            if not self.ssl:  # first step: GradCAM with its default vs no loss scaling
-                maps = lcr.capture.outputs[:1]
-                (cam,), (plain,) = gradcam(loss, maps), gradcam(loss, maps, loss_scale=1.0)
-                self.scaling_effect = float((cam - plain).norm() / cam.norm().clamp_min(1e-12))
-            out = kl_term(loss, **kw)
-            self.ssl.append(float(loss.detach()))
-            self.kl.append(float("nan") if out is None else float(out.detach()))
-            return out
-
-        def fit_spy(head_map: Tensor, cam: Tensor) -> Tensor:
-            out = fit(head_map, cam)
-            self.dtypes.append(" / ".join(str(t.dtype)[6:] for t in (cam, head_map, out)))
-            if not self.cams:
-                self.cams.append(cam.detach().float().cpu())
-            return out
-
-        lcr.kl_term, lcr.loss_fn.forward = kl_spy, fit_spy
+    lcr = model.common_rationale
+    with FeatureCapture(lcr.capture.layer) as capture:
+        loss = type(model).training_step(model, (views, labels), 0)
+        maps = capture.outputs[:1]
+        (cam,), (plain,) = gradcam(loss, maps), gradcam(loss, maps, loss_scale=1.0)
+    return float((cam - plain).norm() / cam.norm().clamp_min(1e-12))
 
 
 def check(precision: str, args: argparse.Namespace, views: List[Tensor]) -> Dict[str, Any]:
     """Runs the checks of one precision; returns the measured values."""
     device = args.device
     model = make("mocov2", args.backbone, args.batch_size, True, device)
-    spy = Spy(model)
+    model.common_rationale.record = True
+    ssl: List[float] = []
+    kls: List[float] = []
+    dtypes: List[str] = []
+    first_cam: Optional[Tensor] = None
+    effect = float("nan")
     dtype = DTYPES[precision]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9)
@@ -94,7 +78,16 @@ def check(precision: str, args: argparse.Namespace, views: List[Tensor]) -> Dict
                 torch.cuda.reset_peak_memory_stats()
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+            if step == 0:  # first step: GradCAM with its default vs no loss scaling
+                effect = scaling_effect(model, views, labels)
             total = model.training_step((views, labels), 0)
+        record = model.common_rationale.last_step
+        ssl.append(float(record.ssl_loss))
+        kls.append(float(record.kl))
+        for cam, head_map in zip(record.gradcams, record.head_maps):
+            dtypes.append(" / ".join(str(t.dtype)[6:] for t in (cam, head_map, record.kl)))
+        if first_cam is None:
+            first_cam = record.gradcams[0].float().cpu()
         totals.append(float(total.detach()))
         scale = scaler.get_scale() if scaler.is_enabled() else 1.0
         scaler.scale(total).backward()
@@ -107,11 +100,11 @@ def check(precision: str, args: argparse.Namespace, views: List[Tensor]) -> Dict
         late_peak = torch.cuda.max_memory_allocated() / 2**20
     finite = all(torch.isfinite(torch.tensor(totals)).tolist())
     return {
-        "dtypes": sorted(set(spy.dtypes)),
-        "ssl0": spy.ssl[0],
-        "kl0": spy.kl[0],
-        "cam0": spy.cams[0],
-        "scaling_effect": spy.scaling_effect,
+        "dtypes": sorted(set(dtypes)),
+        "ssl0": ssl[0],
+        "kl0": kls[0],
+        "cam0": first_cam,
+        "scaling_effect": effect,
         "finite": finite,
         "skipped": skipped,
         "scale": scaler.get_scale() if scaler.is_enabled() else None,

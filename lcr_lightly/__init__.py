@@ -6,8 +6,9 @@ Example:
     >>> model = with_common_rationale(MoCoV2(backbone="resnet18", batch_size=32), k=32)
 """
 
-from lcr_lightly.gradcam import FeatureCapture, gradcam, tokens_to_map
-from lcr_lightly.heads import CommonRationaleHead, minmax_normalize, weighted_average_pool
+from lcr_lightly.capture import FeatureCapture
+from lcr_lightly.gradcam import gradcam
+from lcr_lightly.heads import CommonRationaleHead
 from lcr_lightly.hooks import count_hooks, remove_hooks
 from lcr_lightly.layers import (
     FeaturePath,
@@ -17,20 +18,17 @@ from lcr_lightly.layers import (
     resolve_layer,
 )
 from lcr_lightly.losses import GradCAMFitLoss
-from lcr_lightly.wrap import (
-    CommonRationale,
-    attach,
-    release,
-    set_pooling,
-    state_summary,
-    with_common_rationale,
-)
+from lcr_lightly.pooling import minmax_normalize, norm_pool, weighted_average_pool
+from lcr_lightly.rationale import CommonRationale, StepRecord, attach
+from lcr_lightly.tokens import tokens_to_map
+from lcr_lightly.wrap import release, set_pooling, with_common_rationale
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CommonRationale",
     "CommonRationaleHead",
+    "StepRecord",
     "FeaturePath",
     "FeatureCapture",
     "GradCAMFitLoss",
@@ -41,11 +39,11 @@ __all__ = [
     "find_global_pool",
     "gradcam",
     "minmax_normalize",
+    "norm_pool",
     "release",
     "remove_hooks",
     "resolve_layer",
     "set_pooling",
-    "state_summary",
     "tokens_to_map",
     "weighted_average_pool",
     "with_common_rationale",

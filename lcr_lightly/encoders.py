@@ -33,7 +33,8 @@ from typing import List, Optional, Tuple
 
 from torch import nn
 
-from lcr_lightly.layers import _has_conv, find_token_layer
+from lcr_lightly.layers import _has_conv
+from lcr_lightly.tokens import find_token_layer
 
 Signature = Tuple[Tuple[str, Tuple[int, ...]], ...]
 

@@ -10,57 +10,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from lcr_lightly._validation import check_choice, check_positive_int
-
-NORMALIZE_MODES = ("image", "batch")
-
-
-def minmax_normalize(maps: Tensor, over: str = "image", eps: float = 1e-7) -> Tensor:
-    """Min-max normalises maps to [0, 1].
-
-    Args:
-        maps: Maps of shape (B, H, W).
-        over: ``"image"``: each map by its own min and max (the paper);
-            ``"batch"``: by the min and max of the whole batch (the official code).
-        eps: Added to the range to avoid division by zero.
-
-    Returns:
-        Normalised maps of shape (B, H, W). A constant map (e.g. a 1x1 map) has no
-        spatial preference and becomes all ones, so that pooling with it equals average
-        pooling instead of giving zero features.
-    """
-    if over not in NORMALIZE_MODES:
-        raise ValueError(f"Unknown normalisation {over!r}; expected one of {NORMALIZE_MODES}.")
-    if over == "batch":
-        low = maps.min()
-        shifted = maps - low
-        span = shifted.max()
-        return shifted / (span + eps) if span > 0 else torch.ones_like(maps)
-    flat = maps.flatten(1)
-    low = flat.min(dim=1).values
-    high = flat.max(dim=1).values
-    shape = (-1,) + (1,) * (maps.dim() - 1)
-    out = (maps - low.view(shape)) / (high - low + eps).view(shape)
-    constant = (high == low).view(shape)
-    return torch.where(constant, torch.ones_like(out), out)
-
-
-def weighted_average_pool(features: Tensor, weights: Tensor) -> Tensor:
-    """Average pooling of a feature map weighted per position.
-
-    Args:
-        features: Feature map (B, C, H, W).
-        weights: Per-position weights (B, H, W).
-
-    Returns:
-        Pooled features (B, C): ``sum_hw weights * features / (H * W)``.
-    """
-    b, c, h, w = features.shape
-    pooled = torch.bmm(features.reshape(b, c, h * w), weights.reshape(b, h * w, 1).to(features))
-    return pooled.squeeze(2) / (h * w)
+from lcr_lightly.pooling import NORMALIZE_MODES, minmax_normalize, weighted_average_pool
 
 
 class CommonRationaleHead(nn.Module):

@@ -36,7 +36,8 @@ from typing import Iterator, List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from lcr_lightly.gradcam import Reshape, tokens_to_map
+from lcr_lightly.capture import Reshape
+from lcr_lightly.tokens import find_token_layer, tokens_to_map
 from lcr_lightly.tracing import ModuleCall, Trace, trace_forward
 
 LayerSpec = Union[str, nn.Module, None]
@@ -95,42 +96,6 @@ def resolve_layer(root: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Module]:
             )
         return layer, modules[layer]
     raise TypeError(f"layer must be None, a dotted name or an nn.Module, not {type(layer)}.")
-
-
-def find_token_layer(backbone: nn.Module) -> Optional[Tuple[str, nn.Module, int, int]]:
-    """Finds the last transformer block of a ViT backbone.
-
-    Recognises timm ``VisionTransformer`` (``blocks``, ``patch_embed``), lightly's
-    ``MaskedVisionTransformerTIMM`` (a timm ViT under ``.vit``) and torchvision's
-    ``VisionTransformer`` (``encoder.layers``, ``class_token``).
-
-    Args:
-        backbone: The backbone module.
-
-    Returns:
-        ``(dotted name, block, embedding width, number of prefix tokens)`` or None when
-        the backbone is not a recognised ViT. Prefix (class/register) tokens come first.
-        When the ViT pools with its class token, the patch tokens *output* by the last
-        block never reach the loss (their GradCAM is zero), so the block before it is
-        returned; with average pooling the last block is.
-    """
-    vit = getattr(backbone, "vit", backbone)
-    prefix = "vit." if vit is not backbone else ""
-    blocks = getattr(vit, "blocks", None)
-    if isinstance(blocks, nn.Sequential) and len(blocks) and hasattr(vit, "patch_embed"):
-        width = int(getattr(vit, "embed_dim", 0) or getattr(vit, "num_features", 0))
-        prefix_tokens = int(getattr(vit, "num_prefix_tokens", 1))
-        token_pooled = getattr(vit, "global_pool", "token") in ("token", "")
-        i = len(blocks) - 2 if token_pooled and len(blocks) > 1 else len(blocks) - 1
-        return f"{prefix}blocks.{list(blocks._modules)[i]}", blocks[i], width, prefix_tokens
-    encoder = getattr(vit, "encoder", None)
-    layers = getattr(encoder, "layers", None)
-    if isinstance(layers, nn.Sequential) and len(layers) and hasattr(vit, "class_token"):
-        width = int(getattr(vit, "hidden_dim", 0))
-        i = max(len(layers) - 2, 0)  # torchvision pools with the class token
-        # torchvision names its blocks encoder_layer_0, ...: the real dotted name.
-        return f"{prefix}encoder.layers.{list(layers._modules)[i]}", layers[i], width, 1
-    return None
 
 
 @dataclass(frozen=True)

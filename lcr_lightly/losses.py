@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from lcr_lightly._validation import check_choice as _check_choice
 from lcr_lightly._validation import check_real
-from lcr_lightly.heads import minmax_normalize
+from lcr_lightly.pooling import minmax_normalize
 
 TARGETS = ("raw", "max")
 HEADS = ("raw", "minmax")

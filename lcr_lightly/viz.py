@@ -18,9 +18,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from lcr_lightly.gradcam import FeatureCapture, gradcam  # noqa: E402
-from lcr_lightly.heads import minmax_normalize  # noqa: E402
-from lcr_lightly.wrap import CommonRationale  # noqa: E402
+from lcr_lightly.capture import FeatureCapture  # noqa: E402
+from lcr_lightly.gradcam import gradcam  # noqa: E402
+from lcr_lightly.pooling import minmax_normalize  # noqa: E402
+from lcr_lightly.rationale import CommonRationale  # noqa: E402
 
 _MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 _STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]

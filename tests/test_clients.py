@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lcr_lightly import attach, release, set_pooling, with_common_rationale
-from lcr_lightly.wrap import CommonRationale
+from lcr_lightly.rationale import CommonRationale
 from tests.conftest import quiet_trainer, tiny_resnet, two_view_batch
 
 
@@ -386,27 +386,20 @@ def train_steps(model: nn.Module, batch: Any, steps: int = 2) -> List[float]:
     lcr = _lcr(model)
     optimizer = model.configure_optimizers()
     kls: List[float] = []
-    original = lcr.kl_term
-
-    def spy(loss: Tensor, **kwargs: Any) -> Optional[Tensor]:
-        kl = original(loss, **kwargs)
-        assert kl is not None
-        kls.append(float(kl.detach()))
-        return kl
-
-    lcr.kl_term = spy  # type: ignore[method-assign]
+    lcr.record = True
     model.train()
     try:
         for _ in range(steps):
             optimizer.zero_grad()
             total = model.training_step(batch, 0)
             assert total.dim() == 0
+            kls.append(float(lcr.last_step.kl))
             total.backward()
             for name, p in lcr.head.named_parameters():
                 assert p.grad is not None and p.grad.abs().sum() > 0, name
             optimizer.step()
     finally:
-        del lcr.kl_term
+        lcr.record = False
     assert len(kls) == steps and all(kl > 0 for kl in kls), kls
     return kls
 
@@ -499,14 +492,10 @@ def test_swav_multi_crop_with_a_loss_of_shape_one() -> None:
     with_common_rationale(model, k=4)
     lcr = _lcr(model)
     assert (lcr.layer_name, lcr.pool_name) == ("backbone.layer4", "backbone.avgpool")
-    seen: List[int] = []
-    original = lcr.kl_term
-    lcr.kl_term = lambda loss, **kw: (seen.append(len(lcr.capture.outputs)), original(loss, **kw))[
-        1
-    ]  # type: ignore[method-assign]
+    lcr.record = True
     model.training_step(batch, 0)
-    del lcr.kl_term
-    assert seen == [6]  # every crop, global and local, is an online view
+    lcr.record = False
+    assert len(lcr.last_step.maps) == 6  # every crop, global and local, is an online view
     check_hooked_map_is_pool_input(model, model.backbone, batch[0][0])
     train_steps(model, batch)
     check_eval_pooling(model, model.backbone.avgpool, batch[0][0])

@@ -10,11 +10,11 @@ import yaml
 from lcr_lightly.cli import main, parse
 from lcr_lightly.config import ConfigError, ExperimentConfig
 from lcr_lightly.gradcam import GRADCAM_MODES
-from lcr_lightly.heads import NORMALIZE_MODES
 from lcr_lightly.losses import DIRECTIONS, HEADS, REDUCTIONS, TARGETS
 from lcr_lightly.models import METHODS
 from lcr_lightly.pipeline import DATASETS
-from lcr_lightly.wrap import VIEWS
+from lcr_lightly.pooling import NORMALIZE_MODES
+from lcr_lightly.rationale import VIEWS
 from tests.test_cli import TINY_FLAGS
 
 ROOT = Path(__file__).parent.parent

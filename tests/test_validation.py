@@ -8,7 +8,7 @@ from torch import nn
 from lcr_lightly import count_hooks, with_common_rationale
 from lcr_lightly._validation import check_finite_rows, check_positive_int, check_real
 from lcr_lightly.models import SimSiam
-from lcr_lightly.wrap import CommonRationale
+from lcr_lightly.rationale import CommonRationale
 from tests.conftest import tiny_resnet
 
 

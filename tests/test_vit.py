@@ -5,7 +5,7 @@ from pytorch_lightning import LightningModule
 from torch import nn
 
 from lcr_lightly import FeatureCapture, gradcam, tokens_to_map, with_common_rationale
-from lcr_lightly.layers import find_token_layer
+from lcr_lightly.tokens import find_token_layer
 from tests.conftest import loader, quiet_trainer, two_view_batch
 
 

@@ -1,5 +1,6 @@
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -77,17 +78,11 @@ def test_hooks_see_online_views_only():
     model = with_common_rationale(
         BYOL(backbone=tiny_resnet(), batch_size=8, hidden_dim=16, out_dim=8), k=4
     )
-    seen = []
-    original = model.common_rationale.kl_term
-
-    def spy(loss, **kw):
-        seen.append([tuple(m.shape) for m in model.common_rationale.capture.maps])
-        return original(loss, **kw)
-
-    model.common_rationale.kl_term = spy
+    model.common_rationale.record = True
     model.training_step(two_view_batch(), 0)
     # two online views; the momentum encoder's two forward passes are not captured
-    assert seen == [[(8, 16, 4, 4), (8, 16, 4, 4)]]
+    seen = [tuple(m.shape) for m in model.common_rationale.last_step.maps]
+    assert seen == [(8, 16, 4, 4), (8, 16, 4, 4)]
     # The momentum copy's pool is hooked for inference (eval only); its layer is not.
     assert model.common_rationale.online_decided
     assert count_hooks(model.momentum_backbone) == count_hooks(model.momentum_backbone.avgpool) == 1
@@ -124,16 +119,11 @@ def test_wrap_before_momentum_copy_does_not_double_capture():
     for p in model.momentum.parameters():
         p.requires_grad_(False)
     batch = two_view_batch()
-    calls = []
-    original = model.common_rationale.kl_term
-    model.common_rationale.kl_term = lambda loss, **kw: (
-        calls.append(len(model.common_rationale.capture.maps)),
-        original(loss, **kw),
-    )[1]
+    model.common_rationale.record = True
     with torch.enable_grad():
         model.momentum(batch[0][0])
     model.training_step(batch, 0)
-    assert calls == [2]
+    assert len(model.common_rationale.last_step.maps) == 2  # the two online views only
 
 
 def test_release_removes_everything(toy):
@@ -331,6 +321,61 @@ def test_nonfinite_handling(toy):
     with pytest.warns(RuntimeWarning):
         out = model.training_step(two_view_batch(), 0)
     assert math.isfinite(out.item())
+
+
+def test_readme_plain_loop_line_with_skip_gives_zero_for_a_skipped_term():
+    """``loss + 0.01 * lcr.kl_term(loss)`` (README) must work when a term is skipped."""
+    torch.manual_seed(0)
+    backbone = tiny_resnet()
+    backbone.fc = nn.Identity()
+    lcr = attach(backbone, k=4, nonfinite="skip")
+    with torch.no_grad():
+        lcr.head.conv.weight.fill_(float("inf"))  # a non-finite head map, hence KL
+    loss = backbone(torch.randn(4, 3, 32, 32)).pow(2).mean()
+    with pytest.warns(RuntimeWarning, match="LCR KL term is not finite"):
+        kl = lcr.kl_term(loss)
+    total = loss + 0.01 * kl
+    assert kl.dim() == 0 and kl.item() == 0.0 and torch.equal(total, loss)
+
+
+def test_single_position_maps_warn_once_that_the_kl_is_zero():
+    torch.manual_seed(0)
+    backbone = tiny_resnet()
+    backbone.fc = nn.Identity()
+    lcr = attach(backbone, k=4)
+    for _ in range(2):  # 8 px through a stride-8 stem and three stride-2 stages: 1x1
+        loss = backbone(torch.randn(2, 3, 8, 8)).pow(2).mean()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            kl = lcr.kl_term(loss)
+        assert kl.item() == 0.0
+        messages = [str(w.message) for w in caught if "1x1" in str(w.message)]
+        assert len(messages) == (1 if _ == 0 else 0), messages
+
+
+def test_step_record_holds_what_the_step_computed(toy):
+    batch = two_view_batch()
+    reference = copy.deepcopy(toy)
+    model = with_common_rationale(toy, k=4, weight=0.37)
+    head = copy.deepcopy(model.common_rationale.head)
+    lcr = model.common_rationale
+    model.training_step(batch, 0)
+    assert lcr.last_step is None  # nothing is kept unless asked for
+    lcr.record = True
+    total = model.training_step(batch, 0)
+    step = lcr.last_step
+    with FeatureCapture(reference.backbone.layer4) as capture:
+        ssl = ToySiamese.training_step(reference, batch, 0)
+        maps = list(capture.maps)
+    grads = torch.autograd.grad(ssl, maps, retain_graph=True)
+    for i, (f, g) in enumerate(zip(maps, grads)):
+        torch.testing.assert_close(step.maps[i], f.detach())
+        torch.testing.assert_close(step.gradcams[i], torch.relu((f * g).sum(1)))
+        torch.testing.assert_close(step.head_maps[i], head(f).detach())
+    torch.testing.assert_close(step.ssl_loss, ssl.detach())
+    torch.testing.assert_close(total.detach(), ssl.detach() + 0.37 * step.kl)
+    torch.testing.assert_close(step.kl, torch.stack(step.kls).mean())
+    assert step.layer_name == "backbone.layer4" and step.seconds > 0
 
 
 def test_functional_api_plain_loop():

@@ -9,25 +9,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lcr_lightly.gradcam import FeatureCapture
-from lcr_lightly.heads import minmax_normalize, weighted_average_pool
+from lcr_lightly.capture import FeatureCapture
 from lcr_lightly.layers import find_feature_layer
-from lcr_lightly.wrap import POOLING_MODES, CommonRationale
+from lcr_lightly.pooling import POOLING_MODES, norm_pool
+from lcr_lightly.rationale import CommonRationale
 
 EXTRA_POOLINGS = ("norm",)
-
-
-def norm_pool(features: Tensor) -> Tensor:
-    """Parameter-free attention pooling: weights are the per-position feature norms.
-
-    Args:
-        features: Feature map (B, C, H, W).
-
-    Returns:
-        (B, C): average pooling weighted by the per-image min-max normalised L2 norm of
-        the feature vector at each position (the baseline beside the learned rationale).
-    """
-    return weighted_average_pool(features, minmax_normalize(features.norm(dim=1)))
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on tiny budgets."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -184,6 +185,31 @@ def _results_tables(*args):
         capture_output=True,
         text=True,
     )
+
+
+def test_results_md_tables_are_what_the_json_gives():
+    res = _results_tables("--check")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_results_tables_check_fails_on_a_hand_edited_number(tmp_path):
+    text = (ROOT / "benchmarks/RESULTS.md").read_text()
+    lines = text.splitlines(keepends=True)
+    end = next(i for i, line in enumerate(lines) if line.startswith("<!-- /table -->"))
+    row = lines[end - 1]  # the last row of the first generated table
+    digit = [m for m in re.finditer(r"\d+\.(\d)", row)][-1].start(1)
+    edited_row = row[:digit] + str((int(row[digit]) + 1) % 10) + row[digit + 1 :]
+    lines[end - 1] = edited_row
+    md = tmp_path / "RESULTS.md"
+    md.write_text("".join(lines))
+    results = str(ROOT / "benchmarks/results")
+
+    res = _results_tables(str(md), "--results", results, "--check")
+    assert res.returncode == 1
+    assert len(res.stdout.splitlines()) == 1 and "stale table" in res.stdout
+    assert md.read_text() != text  # --check leaves the file alone
+    assert _results_tables(str(md), "--results", results).returncode == 0
+    assert md.read_text() == text
 
 
 def _seeds(**metrics):

@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on tiny budgets."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -176,3 +177,150 @@ def test_ablation_study_reuses_finished_runs(tmp_path):
     assert cell.startswith(f"{mean:+.1f} ± ") and cell.endswith(
         f"({sum(d > 1e-6 for d in diffs)}/2)"
     )
+
+
+def _results_tables(*args):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/results_tables.py"), *args],
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_results_md_tables_are_what_the_json_gives():
+    res = _results_tables("--check")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_results_tables_check_fails_on_a_hand_edited_number(tmp_path):
+    text = (ROOT / "benchmarks/RESULTS.md").read_text()
+    lines = text.splitlines(keepends=True)
+    end = next(i for i, line in enumerate(lines) if line.startswith("<!-- /table -->"))
+    row = lines[end - 1]  # the last row of the first generated table
+    digit = [m for m in re.finditer(r"\d+\.(\d)", row)][-1].start(1)
+    edited_row = row[:digit] + str((int(row[digit]) + 1) % 10) + row[digit + 1 :]
+    lines[end - 1] = edited_row
+    md = tmp_path / "RESULTS.md"
+    md.write_text("".join(lines))
+    results = str(ROOT / "benchmarks/results")
+
+    res = _results_tables(str(md), "--results", results, "--check")
+    assert res.returncode == 1
+    assert len(res.stdout.splitlines()) == 1 and "stale table" in res.stdout
+    assert md.read_text() != text  # --check leaves the file alone
+    assert _results_tables(str(md), "--results", results).returncode == 0
+    assert md.read_text() == text
+
+
+def _seeds(**metrics):
+    """Per-seed results from {"pool__metric": [seed values]} (localization as loc__key)."""
+    n = len(next(iter(metrics.values())))
+    out = [{} for _ in range(n)]
+    for name, values in metrics.items():
+        pool, key = name.split("__")
+        for seed, value in zip(out, values):
+            seed.setdefault("localization" if pool == "loc" else pool, {})[key] = value
+    return out
+
+
+def test_results_tables_formatting_on_a_hand_computed_example(tmp_path):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results/toy.json").write_text(
+        json.dumps(
+            {
+                "base": {},
+                "runs": {
+                    "base": _seeds(gap__rank1=[0.10, 0.12, 0.14], gap__mAP=[0.2, 0.2, 0.2]),
+                    "lcr": _seeds(
+                        gap__rank1=[0.09, 0.12, 0.12],
+                        gap__mAP=[0.2, 0.2, 0.199],
+                        rationale__rank1=[0.11, 0.15, 0.13],
+                        rationale__mAP=[0.21, 0.22, 0.2],
+                        loc__rationale_object_pointing=[0.5, 0.6, 0.7],
+                    ),
+                },
+            }
+        )
+    )
+    # a newer file: provenance and command, one seed
+    (tmp_path / "results/one.json").write_text(
+        json.dumps(
+            {
+                "base": {},
+                "provenance": {"git": "abc"},
+                "command": "python x.py",
+                "runs": {"solo": _seeds(gap__rank1=[0.255], gap__mAP=[0.3])},
+            }
+        )
+    )
+    md = tmp_path / "RESULTS.md"
+    md.write_text(
+        "Text before.\n\n"
+        "<!-- table:\n"
+        "study: toy\n"
+        "columns:\n"
+        '  - run: "{label}"\n'
+        '  - rank-1: "{pool}:rank1"\n'
+        '  - rank-1 / mAP: ["{pool}:rank1", "mean {pool}:mAP"]\n'
+        '  - Δ rank-1: "delta:{pool}:rank1 vs base/gap:rank1"\n'
+        '  - Δ mAP: "delta:{pool}:mAP vs base/gap:mAP"\n'
+        '  - object: "loc:{pool}_object_pointing"\n'
+        "rows:\n"
+        "  - {run: base, pool: gap}\n"
+        "  - {run: lcr, label: LCR, pool: gap}\n"
+        "  - {run: lcr, label: LCR, pool: rationale}\n"
+        "  - {run: base, label: base (rationale), pool: rationale}\n"
+        "  - {run: solo, study: one, pool: gap, cells: {4: n/a, Δ mAP: n/a}}\n"
+        "-->\n"
+        "<!-- /table -->\n\n"
+        "Text between.\n\n"
+        "<!-- table:\n"
+        "study: toy\n"
+        "count: k\n"
+        'missing: ""\n'
+        "align: {run: right}\n"
+        "columns:\n"
+        '  - run: "{label}"\n'
+        "  - Δ rank-1: mean delta:gap:rank1 vs base/gap:rank1\n"
+        "  - object: loc:rationale_object_pointing\n"
+        "rows: [{run: lcr, label: LCR}, base]\n"
+        "-->\n"
+        "| stale |\n"
+        "<!-- /table -->\n"
+    )
+    res = _results_tables(str(md))
+    assert res.returncode == 0, res.stdout + res.stderr
+    # By hand, in %: base gap rank-1 10, 12, 14 -> 12.0 ± 2.0 (sample std); lcr gap rank-1
+    # 9, 12, 12 -> 11.0 ± sqrt(3); paired differences -1, 0, -2 -> -1.0 ± 1.0, none above
+    # zero; rationale rank-1 11, 15, 13 (13.0 ± 2.0) minus base: 1, 3, -1 -> +1.0 ± 2.0 (2/3);
+    # gap mAP differences 0, 0, -0.1 -> -0.033 ± 0.058; rationale mAP 21, 22, 20 (mean 21.0)
+    # minus 20: 1, 2, 0 -> +1.0 ± 1.0 (2/3); pointing 50, 60, 70 -> 60.0 ± 10.0.
+    expected_first = [
+        "| run | rank-1 | rank-1 / mAP | Δ rank-1 | Δ mAP | object |",
+        "|---|---:|---:|---:|---:|---:|",
+        "| base | 12.0 ± 2.0 | 12.0 ± 2.0 / 20.0 | – | – | – |",
+        "| LCR | 11.0 ± 1.7 | 11.0 ± 1.7 / 20.0 | −1.0 ± 1.0 (0/3) | −0.0 ± 0.1 (0/3) | – |",
+        "| LCR | 13.0 ± 2.0 | 13.0 ± 2.0 / 21.0 | +1.0 ± 2.0 (2/3) | +1.0 ± 1.0 (2/3) "
+        "| 60.0 ± 10.0 |",
+        "| base (rationale) | – | – | – | – | – |",
+        "| solo | 25.5 ± 0.0 | 25.5 ± 0.0 / 30.0 | n/a | n/a | – |",
+    ]
+    expected_second = [
+        "| run | Δ rank-1 | object |",
+        "|---:|---:|---:|",
+        "| LCR | −1.0 (0) | 60.0 ± 10.0 |",
+        "| base | | |",
+    ]
+    text = md.read_text()
+    assert text.startswith("Text before.\n\n<!-- table:\nstudy: toy\n")
+    first, second = [
+        block.split("-->\n", 1)[1].splitlines() for block in text.split("<!-- /table -->")[:2]
+    ]
+    assert first == expected_first
+    assert second == expected_second
+    assert "\n<!-- /table -->\n\nText between.\n\n" in text
+    assert _results_tables(str(md), "--check").returncode == 0
+
+    md.write_text(text.replace("{run: base, pool: gap}", "{run: bsae, pool: gap}"))
+    res = _results_tables(str(md), "--check")
+    assert res.returncode == 2 and "no run 'bsae'" in res.stderr

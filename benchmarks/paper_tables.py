@@ -25,10 +25,10 @@ from typing import Any, Dict
 
 import yaml
 
-from lcr_lightly.atomic import atomic_write
-from lcr_lightly.checkpointing import CheckpointError
 from lcr_lightly.data import DatasetNotFoundError
-from lcr_lightly.pipeline import (
+from lcr_lightly.experiments.atomic import atomic_write
+from lcr_lightly.experiments.checkpointing import CheckpointError
+from lcr_lightly.experiments.pipeline import (
     ConfigError,
     EvaluationError,
     ExperimentConfig,

@@ -21,9 +21,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from lcr_lightly.demo import demo_config, ensure_init
+from lcr_lightly.experiments.config import LCR_FIELDS
+from lcr_lightly.experiments.demo import demo_config, ensure_init
+from lcr_lightly.experiments.pipeline import ExperimentConfig, make_data, mean_std, run
 from lcr_lightly.experiments.provenance import provenance
-from lcr_lightly.pipeline import ExperimentConfig, make_data, mean_std, run
 
 LOSS_VARIANTS: Dict[str, Dict[str, Any]] = {
     "baseline (no LCR)": {"lcr": False},
@@ -77,11 +78,7 @@ _NOT_IN_KEY = ("out_dir", "progress")
 
 
 # Fields a run without LCR never reads.
-_LCR_ONLY = (
-    "k", "weight", "tau", "target", "head", "direction", "detach_target", "reduction",
-    "official_loss", "detach_features", "gradcam_mode", "views", "pool_in_training",
-    "normalize", "head_hidden",
-)  # fmt: skip
+_LCR_ONLY = tuple(name for name in LCR_FIELDS if name != "lcr")
 
 
 def run_key(config: Dict[str, Any]) -> str:

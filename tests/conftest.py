@@ -105,7 +105,7 @@ def loader(n: int = 16, batch_size: int = 8, size: int = 32) -> DataLoader:
 @pytest.fixture(scope="session")
 def tiny_init(tmp_path_factory: pytest.TempPathFactory) -> Tuple[str, Dict[str, float]]:
     """A generic-set initialisation of the tiny ResNet (path, training summary), made once."""
-    from lcr_lightly.pipeline import pretrain_generic_init
+    from lcr_lightly.experiments.pipeline import pretrain_generic_init
 
     path = str(tmp_path_factory.mktemp("init") / "init.pth")
     result = pretrain_generic_init(

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from lcr_lightly.cli import main, parse
+from lcr_lightly.experiments.cli import main, parse
 
 TINY_FLAGS = [
     "--widths",
@@ -104,13 +104,13 @@ def test_console_script_help():
         ["export-synthetic"],
     ):
         res = subprocess.run(
-            [sys.executable, "-m", "lcr_lightly.cli", *cmd, "--help"],
+            [sys.executable, "-m", "lcr_lightly.experiments.cli", *cmd, "--help"],
             capture_output=True,
             text=True,
         )
         assert res.returncode == 0 and "usage" in res.stdout
     res = subprocess.run(
-        [sys.executable, "-m", "lcr_lightly.cli", "pretrain", "--epochs", "x"],
+        [sys.executable, "-m", "lcr_lightly.experiments.cli", "pretrain", "--epochs", "x"],
         capture_output=True,
         text=True,
     )

@@ -7,12 +7,12 @@ from typing import get_args, get_type_hints
 import pytest
 import yaml
 
-from lcr_lightly.cli import main, parse
-from lcr_lightly.config import ConfigError, ExperimentConfig
+from lcr_lightly.experiments.cli import main, parse
+from lcr_lightly.experiments.config import ConfigError, ExperimentConfig
+from lcr_lightly.experiments.pipeline import DATASETS
 from lcr_lightly.gradcam import GRADCAM_MODES
-from lcr_lightly.losses import DIRECTIONS, HEADS, REDUCTIONS, TARGETS
+from lcr_lightly.losses import DIRECTIONS, HEADS, REDUCTIONS, TARGETS, GradCAMFitLoss
 from lcr_lightly.models import METHODS
-from lcr_lightly.pipeline import DATASETS
 from lcr_lightly.pooling import NORMALIZE_MODES
 from lcr_lightly.rationale import VIEWS
 from tests.test_cli import TINY_FLAGS
@@ -148,7 +148,7 @@ def test_shipped_configs_load(path):
 
 
 def test_ema_momentum_reaches_the_momentum_encoder():
-    from lcr_lightly.pipeline import make_model
+    from lcr_lightly.experiments.pipeline import make_model
 
     small = dict(widths=[8, 8, 16, 16], lcr=False)
     assert make_model(ExperimentConfig(ema_momentum=0.99, **small)).momentum == 0.99
@@ -157,3 +157,23 @@ def test_ema_momentum_reaches_the_momentum_encoder():
     assert make_model(ExperimentConfig(**small)).momentum == 0.999  # MoCo v2's default
     with pytest.raises(ConfigError, match="^ema_momentum: simclr has no momentum encoder"):
         ExperimentConfig(method="simclr", ema_momentum=0.9)
+
+
+def test_every_lcr_field_reaches_the_built_model():
+    from lcr_lightly.experiments.pipeline import make_model
+
+    cfg = ExperimentConfig(
+        widths=[8, 8, 16, 16], k=8, weight=0.2, tau=0.5, target="raw", head="minmax",
+        direction="reverse", detach_target=False, reduction="sum", detach_features=True,
+        gradcam_mode="channel", views="first", pool_in_training=True, normalize="batch",
+        head_hidden=16,
+    )  # fmt: skip
+    lcr = make_model(cfg).common_rationale
+    loss = lcr.loss_fn
+    assert (loss.tau, loss.target, loss.head) == (0.5, "raw", "minmax")
+    assert (loss.direction, loss.detach_target, loss.reduction) == ("reverse", False, "sum")
+    assert (lcr.head.k, lcr.weight, lcr.detach_features) == (8, 0.2, True)
+    assert (lcr.gradcam_mode, lcr.views, lcr.pool_in_training) == ("channel", "first", True)
+    assert lcr.head.normalize == "batch" and lcr.head.hidden_channels == 16
+    official = make_model(ExperimentConfig(widths=[8, 8, 16, 16], official_loss=True))
+    assert official.common_rationale.loss_fn.extra_repr() == GradCAMFitLoss.official().extra_repr()

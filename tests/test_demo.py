@@ -2,7 +2,7 @@
 
 import json
 
-from lcr_lightly.demo import run_demo
+from lcr_lightly.experiments.demo import run_demo
 
 
 def test_run_demo_writes_tables_figure_and_checkpoints(tmp_path, capsys, tiny_init):

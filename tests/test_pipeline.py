@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lcr_lightly.pipeline import (
+from lcr_lightly.experiments.pipeline import (
     ConfigError,
     ExperimentConfig,
     evaluate,

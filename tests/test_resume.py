@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lcr_lightly.atomic import atomic_path, atomic_write
-from lcr_lightly.checkpointing import read_checkpoint
-from lcr_lightly.cli import main
 from lcr_lightly.data import SyntheticFineGrained, export_cub_layout
-from lcr_lightly.pipeline import ExperimentConfig, evaluate, load_model, make_data
+from lcr_lightly.experiments.atomic import atomic_path, atomic_write
+from lcr_lightly.experiments.checkpointing import read_checkpoint
+from lcr_lightly.experiments.cli import main
+from lcr_lightly.experiments.pipeline import ExperimentConfig, evaluate, load_model, make_data
 from tests.test_cli import TINY_FLAGS
 
 ROOT = Path(__file__).parent.parent
@@ -44,7 +44,7 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_p
         """
         import os, signal, sys
         from lcr_lightly.models.base import SSLModule
-        from lcr_lightly.cli import main
+        from lcr_lightly.experiments.cli import main
         step = SSLModule.training_step
         def killing_step(self, batch, batch_idx):
             if self.trainer.global_step == 4:  # epoch 1, second batch

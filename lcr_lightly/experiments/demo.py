@@ -19,8 +19,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from lcr_lightly.atomic import atomic_path, atomic_write
-from lcr_lightly.pipeline import (
+from lcr_lightly.experiments.atomic import atomic_path, atomic_write
+from lcr_lightly.experiments.pipeline import (
     ExperimentConfig,
     evaluate,
     fit,
@@ -31,7 +31,7 @@ from lcr_lightly.pipeline import (
     save_run,
 )
 
-ASSET = Path(__file__).parent / "assets" / "init_small_resnet_w16_64px.pth"
+ASSET = Path(__file__).parent.parent / "assets" / "init_small_resnet_w16_64px.pth"
 INIT_SETTINGS: Dict[str, Any] = dict(
     widths=(16, 32, 64, 128),
     image_size=64,
@@ -87,7 +87,7 @@ def run_demo(
         out_dir: Output folder (tables, JSON, figure, logs).
         init: Backbone initialisation file; the shipped one when None.
         progress: Show progress bars.
-        **overrides: :class:`~lcr_lightly.pipeline.ExperimentConfig` fields.
+        **overrides: :class:`~lcr_lightly.experiments.pipeline.ExperimentConfig` fields.
 
     Returns:
         ``{"rows": ..., "localization": ..., "figure": ...}``.

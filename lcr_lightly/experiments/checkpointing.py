@@ -25,7 +25,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lcr_lightly.atomic import atomic_path
+from lcr_lightly.experiments.atomic import atomic_path
 
 CONFIG_KEY = "lcr_lightly_config"
 MODEL_FORMAT = "lcr-lightly-model"

@@ -1,6 +1,6 @@
 """Command-line interface: ``lcr-lightly {demo,pretrain,evaluate,visualize,init,export-synthetic}``.
 
-Every experiment flag is a field of :class:`~lcr_lightly.pipeline.ExperimentConfig`,
+Every experiment flag is a field of :class:`~lcr_lightly.experiments.pipeline.ExperimentConfig`,
 typed and parsed by jsonargparse; ``--config file.yaml`` loads fields from YAML and
 flags after it override them. ``evaluate``/``visualize`` start from the config stored in
 the checkpoint and ``pretrain --resume`` from the one in ``checkpoints/last.ckpt``, so
@@ -21,8 +21,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from lcr_lightly.checkpointing import CheckpointError
-from lcr_lightly.config import (
+from lcr_lightly.data import DatasetNotFoundError
+from lcr_lightly.experiments.checkpointing import CheckpointError
+from lcr_lightly.experiments.config import (
     FIELD_NAMES,
     ConfigError,
     ExperimentConfig,
@@ -32,7 +33,6 @@ from lcr_lightly.config import (
     add_config_arguments,
     condense,
 )
-from lcr_lightly.data import DatasetNotFoundError
 
 # Files a pretraining run writes into its --out-dir (removed by --overwrite).
 RUN_FILES = ("model.pt", "config.yaml", "results.json", "checkpoints")
@@ -117,8 +117,8 @@ def build_parser() -> ArgumentParser:
 
 def _stored_config(args: Namespace) -> Optional[Dict[str, Any]]:
     """The config stored in the checkpoint a command starts from, if any."""
-    from lcr_lightly.checkpointing import read_checkpoint
-    from lcr_lightly.pipeline import last_checkpoint
+    from lcr_lightly.experiments.checkpointing import read_checkpoint
+    from lcr_lightly.experiments.pipeline import last_checkpoint
 
     if args.command in ("evaluate", "visualize"):
         return read_checkpoint(Path(args[args.command].checkpoint)).config
@@ -195,7 +195,7 @@ def _prepare_out_dir(cfg: ExperimentConfig, resume: bool, overwrite: bool) -> No
 
 
 def _cmd_demo(args: Namespace) -> None:
-    from lcr_lightly.demo import run_demo
+    from lcr_lightly.experiments.demo import run_demo
 
     overrides = {}
     if args.epochs is not None:
@@ -204,7 +204,7 @@ def _cmd_demo(args: Namespace) -> None:
 
 
 def _cmd_pretrain(args: Namespace, cfg: ExperimentConfig) -> None:
-    from lcr_lightly.pipeline import run
+    from lcr_lightly.experiments.pipeline import run
 
     _prepare_out_dir(cfg, args.resume, args.overwrite)
     out = run(cfg, resume=args.resume)
@@ -213,7 +213,7 @@ def _cmd_pretrain(args: Namespace, cfg: ExperimentConfig) -> None:
 
 
 def _cmd_evaluate(args: Namespace, cfg: ExperimentConfig) -> None:
-    from lcr_lightly.pipeline import evaluate, load_model, make_data
+    from lcr_lightly.experiments.pipeline import evaluate, load_model, make_data
 
     model = load_model(cfg, Path(args.checkpoint))
     print(json.dumps(evaluate(model, make_data(cfg), cfg), indent=2))
@@ -222,8 +222,8 @@ def _cmd_evaluate(args: Namespace, cfg: ExperimentConfig) -> None:
 def _cmd_visualize(args: Namespace, cfg: ExperimentConfig) -> None:
     import torch
 
-    from lcr_lightly.atomic import atomic_path
-    from lcr_lightly.pipeline import load_model, make_data
+    from lcr_lightly.experiments.atomic import atomic_path
+    from lcr_lightly.experiments.pipeline import load_model, make_data
     from lcr_lightly.viz import projection_figure, rationale_figure
 
     if not cfg.lcr:
@@ -244,7 +244,7 @@ def _cmd_visualize(args: Namespace, cfg: ExperimentConfig) -> None:
 
 
 def _cmd_init(args: Namespace) -> None:
-    from lcr_lightly.pipeline import pretrain_generic_init
+    from lcr_lightly.experiments.pipeline import pretrain_generic_init
 
     result = pretrain_generic_init(
         args.out,
@@ -292,7 +292,7 @@ USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, UsageError)
 
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point of the ``lcr-lightly`` console script."""
-    from lcr_lightly.pipeline import EvaluationError
+    from lcr_lightly.experiments.pipeline import EvaluationError
 
     try:
         _run(argv)

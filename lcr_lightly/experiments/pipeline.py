@@ -27,16 +27,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lcr_lightly.atomic import atomic_path, atomic_write
-from lcr_lightly.checkpointing import (
-    AtomicCheckpointIO,
-    CheckpointError,
-    ConfigInCheckpoint,
-    EpochSeededLoader,
-    read_checkpoint,
-    save_model,
-)
-from lcr_lightly.config import DATASETS, ConfigError, ExperimentConfig
 from lcr_lightly.data import (
     CUB200,
     SyntheticFineGrained,
@@ -55,6 +45,16 @@ from lcr_lightly.eval import (
     retrieval_metrics,
     stratified_split,
 )
+from lcr_lightly.experiments.atomic import atomic_path, atomic_write
+from lcr_lightly.experiments.checkpointing import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    ConfigInCheckpoint,
+    EpochSeededLoader,
+    read_checkpoint,
+    save_model,
+)
+from lcr_lightly.experiments.config import DATASETS, ConfigError, ExperimentConfig
 from lcr_lightly.experiments.provenance import provenance
 from lcr_lightly.models import METHODS, SmallResNet
 from lcr_lightly.models.pretrained import IMAGENET
@@ -239,18 +239,7 @@ def make_model(cfg: ExperimentConfig, num_classes: Optional[int] = None) -> pl.L
             kwargs.update(proj_dim=dim, pred_hidden_dim=dim // 4)
     model = METHODS[cfg.method](**kwargs)
     if cfg.lcr:
-        model = with_common_rationale(
-            model,
-            k=cfg.k,
-            weight=cfg.weight,
-            loss=cfg.loss(),
-            detach_features=cfg.detach_features,
-            gradcam_mode=cfg.gradcam_mode,
-            views=cfg.views,
-            pool_in_training=cfg.pool_in_training,
-            normalize=cfg.normalize,
-            head_hidden=cfg.head_hidden,
-        )
+        model = with_common_rationale(model, **cfg.wrapper_kwargs())
     return model
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import inspect
 import math
 import re
 from argparse import ArgumentError
@@ -83,7 +84,55 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class ExperimentConfig:
+class LCRConfig:
+    """LCR's options, the one place the experiment runner declares them.
+
+    Every field but ``lcr`` and ``official_loss`` is named after the argument it sets: of
+    :class:`~lcr_lightly.losses.GradCAMFitLoss` (``tau``, ``target``, ``head``,
+    ``direction``, ``detach_target``, ``reduction``) or of
+    :func:`~lcr_lightly.with_common_rationale` / :class:`~lcr_lightly.CommonRationale`
+    (the rest), so :meth:`loss` and :meth:`wrapper_kwargs` pass them on by name.
+    ``official_loss`` replaces the loss fields by ``GradCAMFitLoss.official()``.
+    """
+
+    lcr: bool = True
+    k: PositiveInt = 32
+    weight: FiniteNonNegativeFloat = 0.01
+    tau: FinitePositiveFloat = 0.4
+    target: Literal["raw", "max"] = "max"
+    head: Literal["raw", "minmax"] = "raw"
+    direction: Literal["forward", "reverse"] = "forward"
+    detach_target: bool = True
+    reduction: Literal["batchmean", "sum"] = "batchmean"
+    official_loss: bool = False
+    detach_features: bool = False
+    gradcam_mode: Literal["elementwise", "channel"] = "elementwise"
+    views: Literal["all", "first"] = "all"
+    pool_in_training: bool = False
+    normalize: Literal["image", "batch"] = "image"
+    head_hidden: Optional[PositiveInt] = None
+
+    def loss(self) -> GradCAMFitLoss:
+        """The configured GradCAMFitLoss."""
+        if self.official_loss:
+            return GradCAMFitLoss.official()
+        return GradCAMFitLoss(**{name: getattr(self, name) for name in LOSS_FIELDS})
+
+    def wrapper_kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments of :func:`~lcr_lightly.with_common_rationale`."""
+        skip = {"lcr", "official_loss", *LOSS_FIELDS}
+        kwargs = {name: getattr(self, name) for name in LCR_FIELDS if name not in skip}
+        return {**kwargs, "loss": self.loss()}
+
+
+LCR_FIELDS = tuple(f.name for f in dataclasses.fields(LCRConfig))
+LOSS_FIELDS = tuple(
+    name for name in inspect.signature(GradCAMFitLoss.__init__).parameters if name != "self"
+)
+
+
+@dataclass
+class ExperimentConfig(LCRConfig):
     """Everything that defines one pretraining + evaluation run.
 
     Attributes mirror the CLI flags (``--epochs 20`` sets ``epochs``). The defaults are
@@ -102,22 +151,6 @@ class ExperimentConfig:
 
     # method
     method: Literal["mocov2", "byol", "simsiam", "simclr"] = "mocov2"
-    lcr: bool = True
-    k: PositiveInt = 32
-    weight: FiniteNonNegativeFloat = 0.01
-    tau: FinitePositiveFloat = 0.4
-    target: Literal["raw", "max"] = "max"
-    head: Literal["raw", "minmax"] = "raw"
-    direction: Literal["forward", "reverse"] = "forward"
-    detach_target: bool = True
-    reduction: Literal["batchmean", "sum"] = "batchmean"
-    official_loss: bool = False
-    detach_features: bool = False
-    gradcam_mode: Literal["elementwise", "channel"] = "elementwise"
-    views: Literal["all", "first"] = "all"
-    pool_in_training: bool = False
-    normalize: Literal["image", "batch"] = "image"
-    head_hidden: Optional[PositiveInt] = None
     # backbone
     backbone: str = "small_resnet"
     widths: List[PositiveInt] = field(default_factory=lambda: [16, 32, 64, 128])
@@ -190,19 +223,6 @@ class ExperimentConfig:
             raise ConfigError(
                 "data_root: dataset 'imagefolder' needs data_root with train/ and test/."
             )
-
-    def loss(self) -> GradCAMFitLoss:
-        """The configured GradCAMFitLoss."""
-        if self.official_loss:
-            return GradCAMFitLoss.official()
-        return GradCAMFitLoss(
-            tau=self.tau,
-            target=self.target,
-            head=self.head,
-            direction=self.direction,
-            detach_target=self.detach_target,
-            reduction=self.reduction,
-        )
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> ExperimentConfig:

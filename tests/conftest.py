@@ -105,10 +105,9 @@ def loader(n: int = 16, batch_size: int = 8, size: int = 32) -> DataLoader:
 @pytest.fixture(scope="session")
 def tiny_init(tmp_path_factory: pytest.TempPathFactory) -> Tuple[str, Dict[str, float]]:
     """A generic-set initialisation of the tiny ResNet (path, training summary), made once."""
-    from lcr_lightly.experiments.pipeline import pretrain_generic_init
+    from lcr_lightly.experiments.generic_init import INIT_SETTINGS, pretrain_generic_init
 
     path = str(tmp_path_factory.mktemp("init") / "init.pth")
-    result = pretrain_generic_init(
-        path, widths=(8, 8, 16, 16), image_size=32, images_per_class=4, epochs=1, progress=False
-    )
+    tiny = dict(widths=(8, 8, 16, 16), image_size=32, images_per_class=4, epochs=1)
+    result = pretrain_generic_init(path, **{**INIT_SETTINGS, **tiny}, progress=False)
     return path, result

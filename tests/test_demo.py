@@ -5,14 +5,12 @@ import json
 from lcr_lightly.experiments.demo import run_demo
 
 
-def test_run_demo_writes_tables_figure_and_checkpoints(tmp_path, capsys, tiny_init):
+def test_run_demo_writes_tables_figure_and_checkpoints(tmp_path, capsys):
     out = tmp_path / "demo"
-    summary = run_demo(
+    summary = run_demo(  # the demo's ImageNet EfficientNet-Lite0, on a tiny budget
         out_dir=str(out),
-        init=tiny_init[0],
         progress=False,
-        widths=[8, 8, 16, 16],
-        image_size=32,
+        image_size=64,
         num_classes=3,
         images_per_class=4,
         test_images_per_class=3,
@@ -24,12 +22,18 @@ def test_run_demo_writes_tables_figure_and_checkpoints(tmp_path, capsys, tiny_in
     assert "| MoCo v2 + LCR (rationale pooling) |" in printed and "Pointing game" in printed
     assert set(summary["rows"]) == {
         "init only (GAP)",
+        "init only (feature-norm pooling)",
         "MoCo v2 (GAP)",
+        "MoCo v2 (feature-norm pooling)",
         "MoCo v2 + LCR (GAP)",
         "MoCo v2 + LCR (rationale pooling)",
     }
     assert (out / "figure.png").stat().st_size > 1000
-    assert (out / "table.md").read_text().startswith("Synthetic fine-grained set")
+    assert (out / "table.md").read_text().startswith(
+        "efficientnet_lite0 from ImageNet-trained weights"
+    )
+    config = json.loads((out / "results.json").read_text())["config"]
+    assert (config["backbone"], config["weights"]) == ("efficientnet_lite0", "imagenet")
     assert json.loads((out / "results.json").read_text())["config"]["epochs"] == 1
     for run in ("mocov2", "mocov2_lcr"):
         assert (out / run / "model.pt").exists() and (out / run / "config.yaml").exists()

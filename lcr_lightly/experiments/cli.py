@@ -33,6 +33,7 @@ from lcr_lightly.experiments.config import (
     add_config_arguments,
     condense,
 )
+from lcr_lightly.experiments.generic_init import INIT_SETTINGS
 
 # Files a pretraining run writes into its --out-dir (removed by --overwrite).
 RUN_FILES = ("model.pt", "config.yaml", "results.json", "checkpoints")
@@ -62,7 +63,6 @@ def build_parser() -> ArgumentParser:
 
     p = _parser(description="MoCo v2 vs MoCo v2 + LCR on the synthetic set (CPU).")
     p.add_argument("--out", type=str, default="outputs/demo", help="output folder")
-    p.add_argument("--init", type=Optional[str], default=None, help="backbone init file")
     p.add_argument("--epochs", type=Optional[NonNegativeInt], default=None, help="SSL epochs")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     sub.add_subcommand("demo", p, help="MoCo v2 vs MoCo v2 + LCR on the synthetic set (CPU).")
@@ -95,11 +95,17 @@ def build_parser() -> ArgumentParser:
 
     p = _parser(description="Pretrain a small backbone on the generic synthetic set.")
     p.add_argument("--out", type=str, required=True)
-    p.add_argument("--widths", type=PositiveInt, nargs=4, default=[16, 32, 64, 128])
-    p.add_argument("--image-size", dest="image_size", type=PositiveInt, default=64)
-    p.add_argument("--images-per-class", dest="images_per_class", type=PositiveInt, default=500)
-    p.add_argument("--epochs", type=PositiveInt, default=10)
-    p.add_argument("--seed", type=Seed, default=0)
+    init = INIT_SETTINGS  # the shipped file's settings are the defaults
+    p.add_argument("--widths", type=PositiveInt, nargs=4, default=list(init["widths"]))
+    p.add_argument("--image-size", dest="image_size", type=PositiveInt, default=init["image_size"])
+    p.add_argument(
+        "--images-per-class",
+        dest="images_per_class",
+        type=PositiveInt,
+        default=init["images_per_class"],
+    )
+    p.add_argument("--epochs", type=PositiveInt, default=init["epochs"])
+    p.add_argument("--seed", type=Seed, default=init["seed"])
     sub.add_subcommand("init", p, help="Pretrain a small backbone on the generic synthetic set.")
 
     p = _parser(description="Write the synthetic set in CUB layout.")
@@ -200,7 +206,7 @@ def _cmd_demo(args: Namespace) -> None:
     overrides = {}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
-    run_demo(out_dir=args.out, init=args.init, progress=not args.no_progress, **overrides)
+    run_demo(out_dir=args.out, progress=not args.no_progress, **overrides)
 
 
 def _cmd_pretrain(args: Namespace, cfg: ExperimentConfig) -> None:
@@ -244,16 +250,11 @@ def _cmd_visualize(args: Namespace, cfg: ExperimentConfig) -> None:
 
 
 def _cmd_init(args: Namespace) -> None:
-    from lcr_lightly.experiments.pipeline import pretrain_generic_init
+    from lcr_lightly.experiments.generic_init import pretrain_generic_init
 
-    result = pretrain_generic_init(
-        args.out,
-        widths=tuple(args.widths),
-        image_size=args.image_size,
-        images_per_class=args.images_per_class,
-        epochs=args.epochs,
-        seed=args.seed,
-    )
+    chosen = {k: getattr(args, k) for k in ("image_size", "images_per_class", "epochs", "seed")}
+    settings = {**INIT_SETTINGS, **chosen, "widths": tuple(args.widths)}
+    result = pretrain_generic_init(args.out, **settings)
     print(json.dumps(result))
     print(f"backbone weights written to {args.out}")
 

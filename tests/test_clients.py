@@ -675,3 +675,38 @@ def test_a_backbone_without_a_map_is_named_in_the_refusal() -> None:
 
     with pytest.raises(ValueError, match="^Sequential has no global average pooling module"):
         with_common_rationale(MLPBackbone())
+
+
+def test_extracted_features_pool_the_map_that_forward_runs_dino_teacher() -> None:
+    from torch.utils.data import TensorDataset
+
+    from lcr_lightly.eval import extract_features
+
+    torch.manual_seed(0)
+    model = DINOClient()
+    with_common_rationale(model, k=4)
+    model.on_train_start()  # freeze the teacher as Lightning would
+    batch = multi_crop_batch()
+    train_steps(model, batch, steps=1)  # the step decides: the student is online
+    x = batch[0][0]
+    feats = extract_features(
+        model,
+        DataLoader(TensorDataset(x, torch.arange(len(x))), batch_size=len(x)),
+        ("gap", "rationale", "norm"),
+        return_maps=True,
+        progress=False,
+    )
+    lcr = _lcr(model)
+    seen: List[Tensor] = []  # the teacher's map, recorded by the test's own hook
+    handle = model.backbone.avgpool.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    model.eval()
+    with torch.no_grad():
+        set_pooling(model, "gap")
+        gap = model(x)
+        set_pooling(model, "rationale")
+    handle.remove()
+    teacher_map = seen[0]
+    torch.testing.assert_close(feats["gap"], gap.flatten(1))
+    torch.testing.assert_close(feats["rationale"], lcr.head.pool(teacher_map))
+    torch.testing.assert_close(feats["norm_map"], teacher_map.norm(dim=1))
+    assert not torch.allclose(feats["rationale"], feats["gap"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +18,36 @@ EXTRA_POOLINGS = ("norm",)
 
 
 @torch.no_grad()
+class PoolInputs:
+    """Records the input of every call of the given pooling modules (forward pre-hooks).
+
+    For a model whose ``forward`` evaluates a momentum or teacher copy (lightly's DINO
+    runs the teacher), the map that inference pools is the input of that copy's pool, not
+    the output of the online encoder's layer.
+
+    Args:
+        pools: The pooling modules (``CommonRationale``'s hooked pools).
+    """
+
+    def __init__(self, pools: Sequence[nn.Module]) -> None:
+        self.maps: List[Tensor] = []
+        self._handles = [pool.register_forward_pre_hook(self._record) for pool in pools]
+
+    def _record(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], Tensor) and args[0].dim() == 4:
+            self.maps.append(args[0])
+
+    def clear(self) -> None:
+        """Drops the recorded maps."""
+        self.maps = []
+
+    def release(self) -> None:
+        """Removes the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 def extract_features(
     model: nn.Module,
     loader: DataLoader,
@@ -69,15 +99,19 @@ def extract_features(
     was_training = model.training
     model.eval()
     previous = lcr.pooling if lcr is not None else None
-    tap = None
+    tap: Optional[Union[FeatureCapture, PoolInputs]] = None
     if lcr is not None:
         lcr.pooling = "gap"
-        tap = FeatureCapture(
-            lcr.capture.layer,
-            reshape=lcr.capture.reshape,
-            training_only=False,
-            require_grad=False,
-        )
+        pools = [site.pooler.module for site in lcr.sites if site.pooler is not None]
+        if pools:  # the map a hooked pool consumes, whichever encoder forward runs
+            tap = PoolInputs(pools)
+        else:  # token maps (ViTs): no pool module, the online layer's reshaped output
+            tap = FeatureCapture(
+                lcr.capture.layer,
+                reshape=lcr.capture.reshape,
+                training_only=False,
+                require_grad=False,
+            )
     elif "norm" in poolings or return_maps:
         backbone = getattr(model, "backbone", model)
         tap = FeatureCapture(
@@ -98,7 +132,7 @@ def extract_features(
                     out.setdefault(f"extra{k}", []).append(torch.as_tensor(item).cpu())
             if "gap" in poolings:
                 out["gap"].append(gap.float().cpu())
-            fmap = tap.maps[-1] if tap is not None else None
+            fmap = tap.maps[-1] if tap is not None and tap.maps else None
             if tap is not None:
                 tap.clear()
             if fmap is not None and "norm" in poolings:

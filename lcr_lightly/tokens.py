@@ -64,12 +64,14 @@ def find_token_layer(backbone: nn.Module) -> Optional[Tuple[str, nn.Module, int,
         prefix_tokens = int(getattr(vit, "num_prefix_tokens", 1))
         token_pooled = getattr(vit, "global_pool", "token") in ("token", "")
         i = len(blocks) - 2 if token_pooled and len(blocks) > 1 else len(blocks) - 1
-        return f"{prefix}blocks.{list(blocks._modules)[i]}", blocks[i], width, prefix_tokens
+        names = [name for name, _ in blocks.named_children()]
+        return f"{prefix}blocks.{names[i]}", blocks[i], width, prefix_tokens
     encoder = getattr(vit, "encoder", None)
     layers = getattr(encoder, "layers", None)
     if isinstance(layers, nn.Sequential) and len(layers) and hasattr(vit, "class_token"):
         width = int(getattr(vit, "hidden_dim", 0))
         i = max(len(layers) - 2, 0)  # torchvision pools with the class token
         # torchvision names its blocks encoder_layer_0, ...: the real dotted name.
-        return f"{prefix}encoder.layers.{list(layers._modules)[i]}", layers[i], width, 1
+        names = [name for name, _ in layers.named_children()]
+        return f"{prefix}encoder.layers.{names[i]}", layers[i], width, 1
     return None

@@ -389,5 +389,5 @@ def release(model: nn.Module) -> CommonRationale:
                 setattr(model, name, current.original)
             else:
                 delattr(model, name)
-    del model._modules[SUBMODULE]
+    delattr(model, SUBMODULE)
     return lcr

@@ -33,6 +33,7 @@ Images are rendered at 4x and downsampled (anti-aliased); 32-224 px are supporte
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -314,6 +315,19 @@ class SyntheticFineGrained(Dataset):
         self.cache = cache
         self._cache: Dict[int, Dict[str, Any]] = {}
         self.targets = [i // images_per_class for i in range(len(self))]
+
+    def with_transform(self, transform: Optional[Callable]) -> SyntheticFineGrained:
+        """The same samples under another transform, sharing the rendered images.
+
+        Args:
+            transform: The new transform (the masks option and everything else is kept).
+
+        Returns:
+            A shallow copy whose renders are cached in (and read from) this set's cache.
+        """
+        other = copy.copy(self)
+        other.transform = transform
+        return other
 
     def __len__(self) -> int:
         return self.num_classes * self.images_per_class

@@ -23,7 +23,6 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -125,18 +124,8 @@ def make_data(cfg: ExperimentConfig) -> DataBundle:
             transform=plain,
             **kw,  # type: ignore[arg-type]
         )
-        ssl_train = SyntheticFineGrained(
-            images_per_class=cfg.images_per_class,
-            transform=views,
-            **kw,  # type: ignore[arg-type]
-        )
-        ssl_train._cache = train._cache  # share rendered images
-        synthetic_eval = SyntheticFineGrained(
-            images_per_class=cfg.images_per_class,
-            transform=plain,
-            **kw,  # type: ignore[arg-type]
-        )
-        synthetic_eval._cache = train._cache
+        ssl_train = train.with_transform(views)  # every view shares the rendered images
+        synthetic_eval = train.with_transform(plain)
         return DataBundle(ssl_train, synthetic_eval, test, cfg.num_classes, masks=True)
     tf = eval_transform(cfg.image_size)
     pairs: Dict[str, Tuple[Any, Any]] = {
@@ -474,7 +463,6 @@ def run(
     Raises:
         EvaluationError: If the evaluation fails (the message says how to re-run it).
     """
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     data = data or make_data(cfg)
     model = make_model(cfg, num_classes=None)
     start = time.time()

@@ -85,3 +85,15 @@ def test_getitem_and_errors():
         SyntheticFineGrained(variant="coarse")
     with pytest.raises(IndexError):
         ds.sample(5)
+
+
+def test_with_transform_gives_the_same_samples_under_another_transform():
+    from torchvision.transforms import functional as TF
+
+    plain = SyntheticFineGrained(num_classes=2, images_per_class=2, image_size=32)
+    tensors = plain.with_transform(TF.to_tensor)
+    assert len(tensors) == len(plain) and tensors.targets == plain.targets
+    for i in range(len(plain)):
+        image, label = plain[i]
+        assert torch.equal(tensors[i][0], TF.to_tensor(image)) and tensors[i][1] == label
+    assert plain.transform is None  # the original keeps its own transform

@@ -29,8 +29,10 @@ def test_run_demo_writes_tables_figure_and_checkpoints(tmp_path, capsys):
         "MoCo v2 + LCR (rationale pooling)",
     }
     assert (out / "figure.png").stat().st_size > 1000
-    assert (out / "table.md").read_text().startswith(
-        "efficientnet_lite0 from ImageNet-trained weights"
+    assert (
+        (out / "table.md")
+        .read_text()
+        .startswith("efficientnet_lite0 from ImageNet-trained weights")
     )
     config = json.loads((out / "results.json").read_text())["config"]
     assert (config["backbone"], config["weights"]) == ("efficientnet_lite0", "imagenet")

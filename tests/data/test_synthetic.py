@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from lcr_lightly.data import SyntheticFineGrained, fine_grained_classes
 

@@ -218,6 +218,41 @@ class CommonRationale(nn.Module):
             )
         self.pooling = "rationale" if self.pool_names else "gap"
 
+    @classmethod
+    def from_path(
+        cls,
+        path: FeaturePath,
+        prefix: str = "",
+        reshape: Optional[Reshape] = None,
+        **options: Any,
+    ) -> CommonRationale:
+        """The module for a resolved feature path (layer, pool, channels, token reshape).
+
+        Args:
+            path: From :func:`~lcr_lightly.layers.find_feature_path`.
+            prefix: Dotted name of the encoder ``path`` was found in (for messages).
+            reshape: Overrides the path's own reshape (ViT tokens).
+            **options: Further constructor arguments (``k``, ``loss``, ``copies``, ...).
+
+        Returns:
+            The module.
+        """
+
+        def dotted(inner: Optional[str]) -> Optional[str]:
+            if inner is None or not prefix:
+                return inner
+            return f"{prefix}.{inner}" if inner else prefix
+
+        return cls(
+            path.layer,
+            in_channels=path.in_channels,
+            pool=path.pool,
+            reshape=reshape or path.reshape,
+            layer_name=dotted(path.layer_name),
+            pool_name=dotted(path.pool_name),
+            **options,
+        )
+
     @property
     def capture(self) -> FeatureCapture:
         """The capture on the online encoder's feature layer."""
@@ -506,17 +541,7 @@ def attach(
             candidates), or ``in_channels`` that disagree with the map.
     """
     path = _feature_path(backbone, layer, pool, reshape, in_channels)
-    module = CommonRationale(
-        path.layer,
-        in_channels=path.in_channels,
-        k=k,
-        loss=loss,
-        pool=path.pool,
-        reshape=reshape or path.reshape,
-        layer_name=path.layer_name,
-        pool_name=path.pool_name,
-        **options,
-    )
+    module = CommonRationale.from_path(path, k=k, loss=loss, reshape=reshape, **options)
     ref = next(backbone.parameters(), None)
     if ref is not None:
         module.to(ref.device)

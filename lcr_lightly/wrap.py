@@ -320,17 +320,8 @@ def _attach_to_model(
                 member in online,
             )
         )
-    lcr = CommonRationale(
-        path.layer,
-        in_channels=path.in_channels,
-        k=k,
-        loss=loss,
-        pool=path.pool,
-        reshape=reshape or path.reshape,
-        layer_name=dotted(primary, path.layer_name),
-        pool_name=dotted(primary, path.pool_name),
-        copies=copies,
-        **options,
+    lcr = CommonRationale.from_path(
+        path, prefix=primary, reshape=reshape, k=k, loss=loss, copies=copies, **options
     )
     ref = next(children[primary].parameters(), None)
     if ref is not None:

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from lcr_lightly import attach, release, set_pooling, with_common_rationale
 from lcr_lightly.rationale import CommonRationale
 from tests.conftest import quiet_trainer, tiny_resnet, two_view_batch
+from tests.test_vit import tiny_timm_vit
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -245,18 +246,7 @@ class DINOClient(LightningModule):
 
 
 def _tiny_vit(drop_path_rate: float = 0.0) -> nn.Module:
-    vit = timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=32,
-        patch_size=8,
-        depth=2,
-        embed_dim=32,
-        num_heads=2,
-        num_classes=0,
-        dynamic_img_size=True,
-        drop_path_rate=drop_path_rate,
-    )
+    vit = tiny_timm_vit(global_pool="token", drop_path_rate=drop_path_rate)
     return MaskedVisionTransformerTIMM(vit=vit)
 
 

@@ -9,7 +9,7 @@ from lcr_lightly.tokens import find_token_layer
 from tests.conftest import loader, quiet_trainer, two_view_batch
 
 
-def tiny_timm_vit(global_pool: str = "avg") -> nn.Module:
+def tiny_timm_vit(global_pool: str = "avg", drop_path_rate: float = 0.0) -> nn.Module:
     return timm.create_model(
         "vit_tiny_patch16_224",
         pretrained=False,
@@ -20,6 +20,8 @@ def tiny_timm_vit(global_pool: str = "avg") -> nn.Module:
         num_heads=2,
         num_classes=0,
         global_pool=global_pool,
+        drop_path_rate=drop_path_rate,
+        dynamic_img_size=True,
     )
 
 

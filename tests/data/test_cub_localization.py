@@ -57,38 +57,46 @@ def exported(tmp_path_factory):
     return root, test
 
 
+# by hand, for the 48-px synthetic images at image_size 32: Resize(round(32 * 8 / 7) = 37),
+# CenterCrop(32) from (37 - 32) / 2 = 2.5, which torchvision rounds to 2 (half to even)
+S, OFF = 37 / 48, 2
+GRID = torch.stack(torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij"))
+
+
+def _by_hand(sample, radius=2.0):
+    """Mapped part centres, the mapped box mask and the part disks of a synthetic sample."""
+    centres = [
+        ((round(x, 1) + 0.5) * S - 0.5 - OFF, (round(y, 1) + 0.5) * S - 0.5 - OFF)
+        for x, y in sample["part_centers"]
+    ]
+    x, y, w, h = sample["bbox"]
+    pix = torch.arange(32) + 0.5
+    cols = (pix >= x * S - OFF) & (pix < (x + w) * S - OFF)
+    rows = (pix >= y * S - OFF) & (pix < (y + h) * S - OFF)
+    part = torch.zeros(32, 32, dtype=torch.bool)
+    for cx, cy in centres:
+        part |= (GRID[1] - cx) ** 2 + (GRID[0] - cy) ** 2 <= radius**2
+    return centres, rows[:, None] & cols[None, :], part
+
+
 def test_cub_localization_masks_follow_the_synthetic_set(exported):
     root, synthetic = exported
     ds = CUBLocalization(CUB200(root, "test"), image_size=32)
     assert ds.part_radius == 2.0 and len(ds) == len(synthetic) and ds.targets == synthetic.targets
-    # by hand: Resize(round(32 * 8 / 7) = 37) of 48 px, CenterCrop(32) from (37 - 32) / 2
-    # = 2.5, which torchvision rounds to 2 (half to even)
-    s, off = 37 / 48, 2
-    grid = torch.stack(torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij"))
     for i in range(len(ds)):
         image, label, obj, part = ds[i]
         sample = synthetic.sample(i)
         assert image.shape == (3, 32, 32) and obj.shape == part.shape == (32, 32)
         assert label == sample["label"]
         assert torch.allclose(image, eval_transform(32)(sample["image"]), atol=1e-6)
-        centres = [
-            ((x + 0.5) * s - 0.5 - off, (y + 0.5) * s - 0.5 - off)
-            for x, y in sample["part_centers"]
-        ]
+        centres, box, _ = _by_hand(sample)
         far = torch.ones(32, 32, dtype=torch.bool)
         for cx, cy in centres:
             assert part[round(cy), round(cx)] == 1
-            far &= (grid[1] - cx) ** 2 + (grid[0] - cy) ** 2 > (2.0 + 1.0) ** 2
+            far &= (GRID[1] - cx) ** 2 + (GRID[0] - cy) ** 2 > (2.0 + 1.0) ** 2
         assert part[far].sum() == 0 and part[~far].sum() > 0
         # the object mask is the synthetic object mask's box, mapped and clipped
-        x, y, w, h = sample["bbox"]
-        cols = (torch.arange(32) + 0.5 >= x * s - off) & (
-            torch.arange(32) + 0.5 < (x + w) * s - off
-        )
-        rows = (torch.arange(32) + 0.5 >= y * s - off) & (
-            torch.arange(32) + 0.5 < (y + h) * s - off
-        )
-        assert torch.equal(obj.bool(), rows[:, None] & cols[None, :])
+        assert torch.equal(obj.bool(), box)
         # and covers the synthetic object mask put through the same resize and crop
         seg = eval_transform(32).transforms[:2]
         mask = np.asarray(seg[1](seg[0](Image.fromarray(sample["object_mask"] * 255)))) > 160
@@ -107,3 +115,39 @@ def test_cub_localization_needs_boxes_and_parts(exported, tmp_path):
     (copy / "bounding_boxes.txt").write_text("")
     with pytest.raises(DatasetNotFoundError, match="bounding_boxes.txt and parts/part_locs.txt"):
         CUBLocalization(CUB200(copy, "test"), 32)
+
+
+def test_pipeline_evaluates_cub_localization(exported, tmp_path):
+    from lcr_lightly.experiments.pipeline import ExperimentConfig, evaluate, make_data, make_model
+
+    root, synthetic = exported
+    cfg = ExperimentConfig(
+        dataset="cub",
+        data_root=str(root),
+        image_size=32,
+        widths=[8, 8, 16, 16],
+        batch_size=4,
+        memory_bank_size=8,
+        epochs=0,
+        progress=False,
+        out_dir=str(tmp_path),
+    )
+    data = make_data(cfg)
+    assert data.masks and isinstance(data.test_eval, CUBLocalization)
+    results = evaluate(make_model(cfg), data, cfg)
+    loc = results["localization"]
+    for name in ("norm", "rationale"):
+        for mask in ("object", "part"):
+            assert 0.0 <= loc[f"{name}_{mask}_pointing"] <= 1.0
+            assert 0.0 <= loc[f"{name}_{mask}_energy"] <= 1.0
+    hand = [_by_hand(synthetic.sample(i)) for i in range(len(synthetic))]
+    assert loc["chance_object"] == pytest.approx(np.mean([b.float().mean() for _, b, _ in hand]))
+    assert loc["chance_part"] == pytest.approx(np.mean([p.float().mean() for _, _, p in hand]))
+    assert 0 < loc["chance_part"] < loc["chance_object"] < 1
+    # without part keypoints (or on a validation split) there is nothing to localise against
+    (root / "parts" / "part_locs.txt").rename(root / "parts" / "away.txt")
+    try:
+        assert not make_data(cfg).masks
+    finally:
+        (root / "parts" / "away.txt").rename(root / "parts" / "part_locs.txt")
+    assert not make_data(ExperimentConfig(**{**cfg.to_dict(), "eval_split": "val"})).masks

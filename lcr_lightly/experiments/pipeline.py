@@ -107,6 +107,10 @@ class DataBundle:
 def make_data(cfg: ExperimentConfig) -> DataBundle:
     """Builds the SSL training set (two views) and the evaluation splits.
 
+    The synthetic test split, and a CUB test split whose root has ``bounding_boxes.txt``
+    and ``parts/part_locs.txt`` (:class:`~lcr_lightly.data.fgvc.CUBLocalization`), come
+    with object and part masks (``masks=True``): :func:`evaluate` then localises.
+
     Args:
         cfg: The experiment config.
 

@@ -1,9 +1,12 @@
 """Writing a synthetic set to disk in the CUB-200-2011 layout.
 
 The result is read by :class:`~lcr_lightly.data.CUB200` exactly like the real data,
-so the CUB loading path, the benchmark scripts and the keypoint localisation metric
-run end to end without the real files. Part ids: 1 = head mark, 2 = wing patch.
-Object and part masks are also written (``segmentations/`` and ``part_masks/``, PNG).
+so the CUB loading path, the benchmark scripts and the localisation metrics against
+bounding boxes and part keypoints (:class:`~lcr_lightly.data.fgvc.CUBLocalization`,
+reported by ``lcr-lightly pretrain/evaluate`` with ``dataset: cub``) run end to end
+without the real files. Part ids: 1 = head mark, 2 = wing patch. Object and part masks
+are also written (``segmentations/`` and ``part_masks/``, PNG) for reference; the CUB
+evaluation does not read them (the real data set has no part masks).
 """
 
 from __future__ import annotations

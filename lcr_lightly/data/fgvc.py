@@ -23,9 +23,13 @@ import pickle
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
+import torch
 from PIL import Image
+from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import datasets
+
+from lcr_lightly.data.transforms import eval_geometry, eval_transform
 
 PathLike = Union[str, os.PathLike]
 _D = TypeVar("_D", bound=Dataset)
@@ -194,6 +198,100 @@ class CUB200(Dataset):
         """Part keypoints ``(part_id, x, y)`` of sample ``index`` in pixels."""
         locs = self.part_locs.get(self.samples[index][0], [])
         return [(p, x, y) for p, x, y, v in locs if v or not visible_only]
+
+
+# Part disk radius as a fraction of the crop side (14 px at 224, 2 px at 32).
+PART_RADIUS_FRACTION = 1 / 16
+
+
+class CUBLocalization(Dataset):
+    """CUB-200-2011 with object and part masks, for the localisation metrics.
+
+    Each item is ``(image, label, object_mask, part_mask)``, the layout of the
+    synthetic set with ``return_masks=True``: the image through
+    ``eval_transform(image_size)``, the bounding box and disks around the visible part
+    keypoints mapped through the same resize and centre crop
+    (:func:`~lcr_lightly.data.transforms.eval_geometry`) and clipped to the crop. A
+    pixel is inside the box when its centre is.
+
+    The disk radius defaults to ``image_size / 16`` (``PART_RADIUS_FRACTION``; 14 px at
+    224): about an eye or a beak at CUB's usual bird sizes, and half a cell of a
+    stride-32 feature map at 224, so that the union of up to 15 keypoint disks stays a
+    set of parts instead of filling the box. Every metric comes with its chance level
+    (the mean mask area), which moves with the radius.
+
+    Args:
+        cub: The split (its own ``transform`` is not used).
+        image_size: Crop size of the evaluation transform.
+        part_radius: Disk radius in pixels of the evaluated image; ``image_size / 16``
+            when None.
+
+    Attributes:
+        targets: 0-based labels, as ``cub.targets``.
+        classes: Class names, as ``cub.classes``.
+
+    Raises:
+        DatasetNotFoundError: If the root has no ``bounding_boxes.txt`` or
+            ``parts/part_locs.txt``, or an image of the split has no box.
+    """
+
+    def __init__(
+        self, cub: CUB200, image_size: int = 224, part_radius: Optional[float] = None
+    ) -> None:
+        missing = [
+            name
+            for name, table in (
+                ("bounding_boxes.txt", cub.boxes),
+                ("parts/part_locs.txt", cub.part_locs),
+            )
+            if not table
+        ]
+        if missing:
+            raise DatasetNotFoundError(
+                f"{cub.name}: localisation needs {' and '.join(missing)} under {cub.root} "
+                "(missing or empty); extract the full official archive."
+            )
+        no_box = [image_id for image_id, _, _ in cub.samples if image_id not in cub.boxes]
+        if no_box:
+            raise DatasetNotFoundError(
+                f"{cub.name}: {len(no_box)} image(s) of the split have no bounding box in "
+                f"{cub.root / 'bounding_boxes.txt'} (first image id {no_box[0]})."
+            )
+        if part_radius is not None and part_radius <= 0:
+            raise ValueError(f"part_radius must be positive, got {part_radius}.")
+        self.cub = cub
+        self.image_size = image_size
+        self.part_radius = (
+            image_size * PART_RADIUS_FRACTION if part_radius is None else float(part_radius)
+        )
+        self.transform = eval_transform(image_size)
+        self.targets = cub.targets
+        self.classes = cub.classes
+
+    def __len__(self) -> int:
+        return len(self.cub)
+
+    def __getitem__(self, index: int) -> Tuple[Tensor, int, Tensor, Tensor]:
+        """Sample ``index``.
+
+        Returns:
+            The image (3, S, S), the label, the object mask (S, S) and the part mask
+            (S, S) (``uint8``, 1 inside), S being ``image_size``.
+        """
+        from lcr_lightly.eval.localization import keypoint_masks  # the eval package is heavy
+
+        image_id, rel_path, label = self.cub.samples[index]
+        image = self.cub.loader(str(self.cub.root / "images" / rel_path))
+        g = eval_geometry(image.width, image.height, self.image_size)
+        size = self.image_size
+        x0, y0, x1, y1 = g.box(*self.cub.boxes[image_id])  # every sample has one (__init__)
+        centres = torch.arange(size, dtype=torch.float64) + 0.5
+        rows = (centres >= y0) & (centres < y1)
+        cols = (centres >= x0) & (centres < x1)
+        obj = (rows[:, None] & cols[None, :]).to(torch.uint8)
+        points = [g.point(x, y) for _, x, y in self.cub.parts(index)]
+        part = keypoint_masks([points], (size, size), self.part_radius)[0].to(torch.uint8)
+        return self.transform(image), label, obj, part
 
 
 def _pil_loader(path: str) -> Image.Image:

@@ -36,6 +36,7 @@ from lcr_lightly.data import (
     ssl_transform,
     stanford_cars,
 )
+from lcr_lightly.data.fgvc import CUBLocalization
 from lcr_lightly.eval import (
     extract_features,
     knn_accuracy,
@@ -106,6 +107,10 @@ class DataBundle:
 def make_data(cfg: ExperimentConfig) -> DataBundle:
     """Builds the SSL training set (two views) and the evaluation splits.
 
+    The synthetic test split, and a CUB test split whose root has ``bounding_boxes.txt``
+    and ``parts/part_locs.txt`` (:class:`~lcr_lightly.data.fgvc.CUBLocalization`), come
+    with object and part masks (``masks=True``): :func:`evaluate` then localises.
+
     Args:
         cfg: The experiment config.
 
@@ -170,7 +175,17 @@ def make_data(cfg: ExperimentConfig) -> DataBundle:
             classes,
             masks=False,
         )
-    return DataBundle(make_train(views), train_eval, make_test(tf), classes, masks=False)
+    test_eval: Any = make_test(tf)
+    annotated = (  # CUB with boxes and part keypoints: localisation too
+        cfg.dataset == "cub"
+        and cfg.eval_split == "test"
+        and all(
+            (test_eval.root / f).is_file() for f in ("bounding_boxes.txt", "parts/part_locs.txt")
+        )
+    )
+    if annotated:
+        test_eval = CUBLocalization(test_eval, cfg.image_size)
+    return DataBundle(make_train(views), train_eval, test_eval, classes, masks=annotated)
 
 
 def make_backbone(cfg: ExperimentConfig) -> Union[nn.Module, str]:

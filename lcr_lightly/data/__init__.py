@@ -3,6 +3,7 @@
 from lcr_lightly.data.export import export_cub_layout
 from lcr_lightly.data.fgvc import (
     CUB200,
+    CUBLocalization,
     DatasetNotFoundError,
     cifar100,
     fgvc_aircraft,
@@ -11,13 +12,15 @@ from lcr_lightly.data.fgvc import (
     stanford_cars,
 )
 from lcr_lightly.data.synthetic import SyntheticFineGrained, fine_grained_classes
-from lcr_lightly.data.transforms import eval_transform, ssl_transform
+from lcr_lightly.data.transforms import eval_geometry, eval_transform, ssl_transform
 
 __all__ = [
     "CUB200",
+    "CUBLocalization",
     "DatasetNotFoundError",
     "SyntheticFineGrained",
     "cifar100",
+    "eval_geometry",
     "eval_transform",
     "export_cub_layout",
     "fgvc_aircraft",

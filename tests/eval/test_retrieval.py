@@ -168,3 +168,33 @@ def test_agrees_with_torchmetrics_without_ties():
     assert got["rank1"] == pytest.approx(float(hit1), abs=1e-6)
     assert got["rank1"] == pytest.approx(float(precision1), abs=1e-6)
     assert got["rank5"] == pytest.approx(float(hit5), abs=1e-6)
+
+
+def _singletons_in_the_middle(seed):
+    """21 items: classes of 3 and of 2 around a block of 7 single-item classes."""
+    rng = np.random.default_rng(seed)
+    labels = np.array([0, 0, 0, 1, 1, 2, 2] + list(range(10, 17)) + [3, 3, 3, 4, 4, 5, 5])
+    return rng.normal(size=(21, 5)), labels
+
+
+@pytest.mark.parametrize("approximate", [False, True])
+def test_a_chunk_of_single_item_classes_does_not_end_the_scan(approximate):
+    features, labels = _singletons_in_the_middle(0)
+    kw = dict(index="hnsw", search_k=20) if approximate else dict(chunk_size=7)
+    got = retrieval_metrics(features, labels, ks=(1, 3), **kw)  # chunk 2 has no pair
+    ref = brute_force(features, labels, ks=(1, 3))
+    for key in ("rank1", "rank3", "mAP"):
+        assert got[key] == pytest.approx(ref[key], abs=1e-9), key
+
+
+def test_two_items_are_enough_and_one_is_refused():
+    assert retrieval_metrics(np.array([[1.0], [0.9]]), np.array([0, 0]), ks=(1,))["rank1"] == 1.0
+    with pytest.raises(ValueError):
+        retrieval_metrics(np.array([[1.0, 0.0]]), np.array([0]))
+
+
+def test_no_query_with_a_same_class_item_scores_zero():
+    features = np.random.default_rng(0).normal(size=(4, 3))
+    for kw in ({}, {"index": "hnsw"}):
+        got = retrieval_metrics(features, np.arange(4), ks=(1,), **kw)
+        assert got["rank1"] == 0.0 and got["mAP"] == 0.0, kw

@@ -605,8 +605,20 @@ def test_functional_pooling_is_refused_at_wrap_time_with_what_to_pass() -> None:
 
     backbone = timm.create_model("resnet18", pretrained=False, num_classes=0)
     backbone.global_pool = nn.Identity()  # pooled functionally by the method instead
-    with pytest.raises(ValueError, match=r"pools functionally.*layer=.*'layer4' \(2, 512, 2, 2\)"):
+    with pytest.raises(ValueError) as err:
         with_common_rationale(FunctionalPool(backbone, 512))
+    message = str(err.value)
+    assert message.startswith(
+        "ResNet has no global average pooling module (dry forward at 64x64 px): it pools "
+        "functionally (x.mean((2, 3)), F.adaptive_avg_pool2d) or its last map is already 1x1, "
+        "so the head could not be trained on the map that is pooled at inference. Pass "
+        "layer=<dotted name> to train on one of these maps (set_pooling('rationale') is then "
+        "unavailable; pool with common_rationale.head.pool(map) yourself): "
+        "'layer4' (2, 512, 2, 2), "
+    )
+    candidates = message.split("yourself): ")[1].rstrip(".").split(", '")
+    assert len(candidates) == 8  # the last eight maps, the stage's output first
+    assert all(c.endswith("(2, 512, 2, 2)") for c in candidates)  # 64 px / stride 32
 
     # With layer= it trains as before; rationale pooling is then unavailable, loudly.
     model = with_common_rationale(FunctionalPool(backbone, 512), k=4, layer="backbone.layer4")
@@ -619,8 +631,14 @@ def test_functional_pooling_is_refused_at_wrap_time_with_what_to_pass() -> None:
 
 def test_max_pooling_is_refused_at_wrap_time() -> None:
     backbone = timm.create_model("resnet18", pretrained=False, num_classes=0, global_pool="max")
-    with pytest.raises(ValueError, match="'global_pool.pool' .*not average pooling"):
+    with pytest.raises(ValueError) as err:
         with_common_rationale(SimSiamClient(backbone, 512))
+    assert str(err.value) == (
+        "The global pooling of ResNet, 'global_pool.pool' (AdaptiveMaxPool2d), maps "
+        "(2, 512, 2, 2) to (2, 512, 1, 1) but is not average pooling (max, avg+max or "
+        "concatenated avg/max pooling). Rationale pooling replaces global average pooling "
+        "only; build the backbone with average pooling (timm: global_pool='avg')."
+    )
 
 
 def test_forward_that_bypasses_the_pool_warns_in_eval() -> None:
@@ -663,8 +681,11 @@ def test_a_backbone_without_a_map_is_named_in_the_refusal() -> None:
             super().__init__(nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, 8)), 8)
             self.decoder = nn.Conv2d(8, 3, 1)  # an encoder-looking child that is not used
 
-    with pytest.raises(ValueError, match="^Sequential has no global average pooling module"):
+    with pytest.raises(ValueError) as err:
         with_common_rationale(MLPBackbone())
+    message = str(err.value)
+    assert message.startswith("Sequential has no global average pooling module (dry forward at")
+    assert message.endswith("pool with common_rationale.head.pool(map) yourself): none.")
 
 
 def test_extracted_features_pool_the_map_that_forward_runs_dino_teacher() -> None:

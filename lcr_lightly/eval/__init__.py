@@ -1,7 +1,7 @@
 """Evaluation: retrieval, kNN, linear probes, localisation, feature extraction."""
 
 from lcr_lightly.eval.features import extract_features
-from lcr_lightly.eval.knn import knn_accuracy, knn_predict
+from lcr_lightly.eval.knn import knn_accuracy
 from lcr_lightly.eval.linear import (
     LinearProbeModule,
     linear_probe,
@@ -23,7 +23,6 @@ __all__ = [
     "extract_features",
     "keypoint_masks",
     "knn_accuracy",
-    "knn_predict",
     "l2_normalize",
     "linear_probe",
     "linear_probe_paper",

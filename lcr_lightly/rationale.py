@@ -469,8 +469,11 @@ def _feature_path(
     pool: LayerSpec,
     reshape: Optional[Reshape],
     in_channels: Optional[int],
+    prefix: str = "",
 ) -> FeaturePath:
     """:func:`find_feature_path`, with the channels checked against ``in_channels``.
+
+    ``prefix`` is the dotted name of ``root`` in the wrapped model (for messages).
 
     When the dry forward cannot run (a backbone whose ``forward`` does not take an image
     batch) an explicit ``layer`` and ``in_channels`` are enough, as before the dry
@@ -486,7 +489,8 @@ def _feature_path(
         return FeaturePath(layer_name, layer_module, pool_name, pool_module, in_channels, ())
     if in_channels is not None and in_channels != path.in_channels:
         raise ValueError(
-            f"in_channels={in_channels}, but layer {path.layer_name!r} gives maps of shape "
+            f"in_channels={in_channels}, but layer "
+            f"{'.'.join(filter(None, (prefix, path.layer_name)))!r} gives maps of shape "
             f"{path.map_shape}: {path.in_channels} channels. Leave in_channels out (it is "
             "read off the dry forward) or pass the right layer=."
         )

@@ -295,7 +295,7 @@ def _attach_to_model(
             return full[len(primary) + 1 :] if full != primary else ""
 
         rel_layer, rel_pool = relative(layer), relative(pool)
-    path = _feature_path(children[primary], rel_layer, rel_pool, reshape, in_channels)
+    path = _feature_path(children[primary], rel_layer, rel_pool, reshape, in_channels, primary)
 
     def dotted(encoder: str, inner: Optional[str]) -> Optional[str]:
         if inner is None:

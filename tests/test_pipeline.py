@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lcr_lightly import set_pooling
 from lcr_lightly.experiments.pipeline import (
     ConfigError,
     ExperimentConfig,
@@ -97,12 +98,33 @@ def test_init_weights_load_and_bad_config(tiny_init):
         make_model(ExperimentConfig(weights=str(Path(path).with_name("missing.pth"))))
 
 
-def test_evaluate_is_deterministic(tmp_path):
+def test_evaluate_scores_the_models_own_features_and_is_repeatable(tmp_path):
+    from lcr_lightly.eval import knn_accuracy, linear_probe, retrieval_metrics
+
     cfg = ExperimentConfig(
         epochs=0, out_dir=str(tmp_path), **{k: v for k, v in TINY.items() if k != "epochs"}
     )
     model, data = make_model(cfg), make_data(cfg)
-    assert evaluate(model, data, cfg) == evaluate(model, data, cfg)
+    results = evaluate(model, data, cfg)
+
+    def features(dataset, pooling):  # the model's own features, computed here in eval mode
+        set_pooling(model, pooling)
+        model.eval()
+        with torch.no_grad():
+            x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+            return model(x), torch.tensor([dataset[i][1] for i in range(len(dataset))])
+
+    for pooling in ("gap", "rationale"):
+        (xtr, ytr), (xte, yte) = (
+            features(data.train_eval, pooling),
+            features(data.test_eval, pooling),
+        )
+        expected = retrieval_metrics(xte, yte)
+        expected["knn"] = knn_accuracy(xtr, ytr, xte, yte)
+        expected["linear"] = linear_probe(xtr, ytr, xte, yte)["top1"]
+        assert results[pooling] == pytest.approx(expected, abs=1e-6), pooling
+    assert results["gap"] != results["rationale"]
+    assert evaluate(model, data, cfg) == results  # no state or RNG carried between calls
 
 
 def test_helpers():

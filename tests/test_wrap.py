@@ -337,10 +337,19 @@ def test_readme_plain_loop_line_with_skip_gives_zero_for_a_skipped_term():
     with torch.no_grad():
         lcr.head.conv.weight.fill_(float("inf"))  # a non-finite head map, hence KL
     loss = backbone(torch.randn(4, 3, 32, 32)).pow(2).mean()
-    with pytest.warns(RuntimeWarning, match="LCR KL term is not finite"):
+    with pytest.warns(RuntimeWarning) as caught:
         kl = lcr.kl_term(loss)
     total = loss + 0.01 * kl
     assert kl.dim() == 0 and kl.item() == 0.0 and torch.equal(total, loss)
+    assert str(caught[0].message) == (
+        "LCR: the LCR KL term is not finite (NaN or inf). Lower the learning rate, check the "
+        "inputs, or pass nonfinite='skip' to drop such terms with a warning. Skipped."
+    )
+    assert caught[0].filename == __file__  # attributed to the caller's line
+    lcr.nonfinite = "error"
+    with pytest.raises(FloatingPointError) as err:
+        lcr.kl_term(backbone(torch.randn(4, 3, 32, 32)).pow(2).mean())
+    assert str(err.value) == str(caught[0].message).removesuffix(" Skipped.")
 
 
 def test_single_position_maps_warn_once_that_the_kl_is_zero():

@@ -1,7 +1,7 @@
 """Rationale pooling: min-max normalisation, weighted and feature-norm pooling, the hook.
 
 At inference the rationale map ``A``, min-max normalised per image (``A'``), weights the
-average pooling of the feature map ``F``: ``sum_hw A' F / sum_hw A'``. The
+average pooling of the feature map ``F``: ``mean_hw(A' * F)``. The
 :class:`RationalePooling` hook puts that in place of the output of the backbone's global
 average pool (found by :func:`lcr_lightly.layers.find_feature_path`), so ``model(x)``
 returns rationale-pooled features without editing the model; :class:`PoolingCheck` warns

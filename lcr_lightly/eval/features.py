@@ -17,7 +17,6 @@ from lcr_lightly.rationale import CommonRationale
 EXTRA_POOLINGS = ("norm",)
 
 
-@torch.no_grad()
 class PoolInputs:
     """Records the input of every call of the given pooling modules (forward pre-hooks).
 
@@ -48,6 +47,7 @@ class PoolInputs:
         self._handles = []
 
 
+@torch.no_grad()
 def extract_features(
     model: nn.Module,
     loader: DataLoader,

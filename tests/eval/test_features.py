@@ -39,3 +39,17 @@ def test_unwrapped_model_gives_gap_only():
         extract_features(model, loader, progress=False)
     with pytest.raises(ValueError, match="Unknown pooling"):
         extract_features(model, loader, poolings=("max",), progress=False)
+
+
+def test_features_are_extracted_without_autograd():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lcr_lightly import with_common_rationale
+    from tests.conftest import ToySiamese
+
+    model = with_common_rationale(ToySiamese(), k=4)
+    x = torch.randn(4, 3, 32, 32)
+    feats = extract_features(
+        model, DataLoader(TensorDataset(x, torch.arange(4))), ("gap", "rationale"), progress=False
+    )
+    assert not feats["gap"].requires_grad and not feats["rationale"].requires_grad

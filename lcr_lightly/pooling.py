@@ -12,15 +12,33 @@ parameter-free baseline that weights positions by their feature norm.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, List, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from lcr_lightly.hooks import LayerHook, OwnedHook
 
-if TYPE_CHECKING:
-    from lcr_lightly.rationale import CommonRationale
+
+class _Pooler(Protocol):
+    def pool(self, features: Tensor) -> Tensor: ...
+
+
+class PoolingOwner(Protocol):
+    """What the pooling hooks read from their owner, a :class:`~lcr_lightly.CommonRationale`."""
+
+    pooling: str
+    pool_in_training: bool
+    pool_calls: int
+    pool_calls_seen: int
+
+    @property
+    def head(self) -> _Pooler:
+        """The head whose ``pool`` replaces average pooling."""
+
+    @property
+    def pool_names(self) -> List[str]:
+        """Dotted names of the hooked pools."""
 
 
 NORMALIZE_MODES = ("image", "batch")
@@ -100,7 +118,7 @@ class RationalePooling(LayerHook):
         eval_only: Never pool in training mode (pools of momentum/teacher copies).
     """
 
-    def __init__(self, pool: nn.Module, owner: CommonRationale, eval_only: bool = False) -> None:
+    def __init__(self, pool: nn.Module, owner: PoolingOwner, eval_only: bool = False) -> None:
         self.owner = owner
         self.eval_only = eval_only
         super().__init__(pool)
@@ -132,7 +150,7 @@ class PoolingCheck(OwnedHook):
         owner: The model's :class:`CommonRationale`.
     """
 
-    def __init__(self, owner: CommonRationale) -> None:
+    def __init__(self, owner: PoolingOwner) -> None:
         self.owner = owner
 
     def on_forward(self, module: nn.Module, args: Any, output: Any) -> None:

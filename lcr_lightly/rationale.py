@@ -19,12 +19,12 @@ from typing import Any, List, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from lcr_lightly._validation import check_real
+from lcr_lightly._validation import check_choice, check_real
 from lcr_lightly.capture import FeatureCapture, Reshape
 from lcr_lightly.gradcam import GRADCAM_MODES, gradcam
 from lcr_lightly.heads import CommonRationaleHead
 from lcr_lightly.layers import FeaturePath, LayerSpec, find_feature_path, resolve_layer
-from lcr_lightly.losses import GradCAMFitLoss, _check_choice
+from lcr_lightly.losses import GradCAMFitLoss
 from lcr_lightly.pooling import POOLING_MODES, PoolingCheck, RationalePooling
 from lcr_lightly.tracing import DryForwardError
 
@@ -183,9 +183,9 @@ class CommonRationale(nn.Module):
         copies: Sequence[FeatureSite] = (),
     ) -> None:
         super().__init__()
-        _check_choice("gradcam_mode", gradcam_mode, GRADCAM_MODES)
-        _check_choice("views", views, VIEWS)
-        _check_choice("nonfinite", nonfinite, NONFINITE)
+        check_choice("gradcam_mode", gradcam_mode, GRADCAM_MODES)
+        check_choice("views", views, VIEWS)
+        check_choice("nonfinite", nonfinite, NONFINITE)
         if loss is not None and not isinstance(loss, GradCAMFitLoss):
             raise TypeError(f"loss must be a GradCAMFitLoss, not {type(loss).__name__}.")
         self.head = CommonRationaleHead(
@@ -319,7 +319,7 @@ class CommonRationale(nn.Module):
         Args:
             mode: The pooling mode.
         """
-        _check_choice("pooling", mode, POOLING_MODES)
+        check_choice("pooling", mode, POOLING_MODES)
         if mode == "rationale" and not self.pool_names:
             raise ValueError(
                 "Rationale pooling needs a global average pooling module that consumes the "

@@ -423,10 +423,9 @@ class CommonRationale(nn.Module):
                 RuntimeWarning,
                 stacklevel=2,
             )
-        zero = pairs[0][1].new_zeros(())
         if check_finite and not all(torch.isfinite(c).all() for _, c in pairs):
             self._nonfinite("GradCAM of the SSL loss")
-            return zero
+            return pairs[0][1].new_zeros(())  # skipped: a zero term keeps `loss + nu * kl` valid
         terms, head_maps = [], []
         for feature, cam in pairs:
             head_map = self.head(feature.detach() if self.detach_features else feature)
@@ -435,7 +434,7 @@ class CommonRationale(nn.Module):
         kl = torch.stack(terms).mean()
         if check_finite and not torch.isfinite(kl):
             self._nonfinite("LCR KL term")
-            return zero
+            return kl.new_zeros(())
         if self.record:
             self.last_step = StepRecord(
                 layer_name=self.layer_name,

@@ -56,7 +56,7 @@ def _candidates(root: nn.Module) -> Iterator[str]:
 def _candidate_text(root: nn.Module, limit: int = 12) -> str:
     names = list(_candidates(root))
     # Prefer the shallow names (stages) over every nested conv.
-    names.sort(key=lambda n: (n.count("."), 0))
+    names.sort(key=lambda n: n.count("."))  # stable: same-depth names keep module order
     shown = names[:limit]
     more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(repr(n) for n in shown) + more if shown else "none"

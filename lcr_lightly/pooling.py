@@ -118,7 +118,7 @@ class RationalePooling(LayerHook):
         eval_only: Never pool in training mode (pools of momentum/teacher copies).
     """
 
-    def __init__(self, pool: nn.Module, owner: PoolingOwner, eval_only: bool = False) -> None:
+    def __init__(self, pool: nn.Module, owner: PoolingOwner, eval_only: bool) -> None:
         self.owner = owner
         self.eval_only = eval_only
         super().__init__(pool)

@@ -110,6 +110,7 @@ def test_mlp_head_variant():
     expected = F.relu(head.bn(head.conv(hidden))).max(dim=1).values
     torch.testing.assert_close(head(feats), expected)
     assert hidden.shape == (2, 4, 3, 3)
+    assert head.extra_repr() == "in_channels=6, k=3, normalize='image', hidden_channels=4"
 
 
 def test_constant_and_one_by_one_maps_pool_like_gap():

@@ -48,6 +48,40 @@ def test_bad_name_lists_candidates():
         resolve_layer(resnet, nn.Conv2d(1, 1, 1))
 
 
+def _convs(n: int) -> list:
+    return [nn.Conv2d(1, 1, 1) for _ in range(n)]
+
+
+def test_resolve_layer_messages_list_shallow_candidates_first_up_to_twelve():
+    # '0' holds a nested conv '0.0'; shallow names are listed first, then the nested one.
+    nested = nn.Sequential(nn.Sequential(nn.Conv2d(1, 1, 1)), nn.ReLU(), nn.Conv2d(1, 1, 1))
+    with pytest.raises(ValueError) as info:
+        resolve_layer(nested, "head")
+    assert str(info.value) == "No layer named 'head' in Sequential. Candidates: '0', '2', '0.0'."
+    with pytest.raises(ValueError) as info:
+        resolve_layer(nested, nn.Linear(1, 1))
+    assert str(info.value) == (
+        "The given layer module (Linear) is not part of Sequential. Candidates: '0', '2', '0.0'."
+    )
+    twelve = ", ".join(repr(str(i)) for i in range(12))
+    with pytest.raises(ValueError, match=rf"Candidates: {twelve}\.$"):
+        resolve_layer(nn.Sequential(*_convs(12)), "x")
+    with pytest.raises(ValueError, match=rf"Candidates: {twelve} \(\+3 more\)\.$"):
+        resolve_layer(nn.Sequential(*_convs(15)), "x")
+    with pytest.raises(ValueError, match=r"Candidates: none\.$"):
+        resolve_layer(nn.Sequential(nn.Linear(1, 1)), "x")
+
+
+def test_resolve_layer_without_a_layer_finds_it_and_refuses_other_types():
+    resnet = torchvision.models.resnet18()
+    assert resolve_layer(resnet, None) == ("layer4", resnet.layer4)
+    with pytest.raises(TypeError) as info:
+        resolve_layer(resnet, 4)  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "layer must be None, a dotted name or an nn.Module, not <class 'int'>."
+    )
+
+
 def test_non_conv_backbone_raises():
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 64 * 64, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="no global average pooling module"):

@@ -75,6 +75,11 @@ def test_after_the_first_step_only_the_online_encoder_pools_in_training():
     model = with_common_rationale(TwoTrainableCopies(), k=4, pool_in_training=True)
     lcr = model.common_rationale
     assert not lcr.online_decided  # both encoders could be online at wrap time
+    x = torch.randn(4, 3, 32, 32)
+    seen = {}
+    model.teacher.layer4.register_forward_hook(lambda m, a, out: seen.update(teacher=out))
+    with torch.no_grad():  # until then only the first candidate may pool in training
+        torch.testing.assert_close(model.teacher(x), seen["teacher"].mean(dim=(2, 3)))
     model.training_step(two_view_batch(), 0)
     assert lcr.online_decided and lcr.layer_name == "backbone.layer4"
     x = torch.randn(4, 3, 32, 32)
@@ -91,3 +96,100 @@ def test_after_the_first_step_only_the_online_encoder_pools_in_training():
     model.eval()
     with torch.no_grad():  # in eval mode every copy pools with the head
         torch.testing.assert_close(model.teacher(x), lcr.head.pool(maps["teacher"]))
+
+
+def _reference_kls(lcr, layer: nn.Module, run_loss, reshape=None):
+    """Per-view KLs computed by hand: own hook, autograd GradCAM, the head and the loss."""
+    outputs = []
+    handle = layer.register_forward_hook(lambda m, a, out: outputs.append(out))
+    loss = run_loss()
+    handle.remove()
+    grads = torch.autograd.grad(loss, outputs, retain_graph=True)
+    if reshape is not None:
+        outputs, grads = [reshape(t) for t in outputs], [reshape(g) for g in grads]
+    cams = [torch.relu((f * g).sum(dim=1)) for f, g in zip(outputs, grads)]
+    return loss, [lcr.loss_fn(lcr.head(f), c) for f, c in zip(outputs, cams)]
+
+
+def _two_view_loss(encode):
+    (x0, x1), _ = two_view_batch(b=4)
+    z0, z1 = encode(x0), encode(x1)
+    return -nn.functional.cosine_similarity(z0, z1.flip(0)).mean() + z0.pow(2).mean()
+
+
+@pytest.mark.parametrize("views", ["all", "first"])
+def test_views_option_fits_every_view_or_only_the_first_on_one_encoder(views):
+    torch.manual_seed(0)
+    backbone = _backbone()
+    lcr = attach(backbone, k=4, views=views)
+    loss, kls = _reference_kls(lcr, backbone.layer4, lambda: _two_view_loss(backbone))
+    assert len(kls) == 2 and not torch.allclose(kls[0], kls[1])
+    expected = kls[0] if views == "first" else (kls[0] + kls[1]) / 2
+    torch.testing.assert_close(lcr.kl_term(loss), expected)
+
+
+@pytest.mark.parametrize("views", ["all", "first"])
+def test_views_option_holds_while_the_loss_path_picks_the_online_encoder(views):
+    torch.manual_seed(0)
+    model = with_common_rationale(TwoTrainableCopies(), k=4, views=views)
+    lcr = model.common_rationale
+    assert not lcr.online_decided  # kl_term takes the branch that asks the loss path
+
+    def run_loss():
+        with torch.no_grad():
+            model.teacher(two_view_batch(b=4)[0][0])
+        return _two_view_loss(model.backbone)
+
+    loss, kls = _reference_kls(lcr, model.backbone.layer4, run_loss)
+    expected = kls[0] if views == "first" else (kls[0] + kls[1]) / 2
+    torch.testing.assert_close(lcr.kl_term(loss), expected)
+    assert lcr.online_decided and lcr.layer_name == "backbone.layer4"
+
+
+class BothCopiesInTheLoss(TwoTrainableCopies):
+    def training_step(self, batch, batch_idx):
+        (x0, x1), _ = batch
+        return -nn.functional.cosine_similarity(self.backbone(x0), self.teacher(x1)).mean()
+
+
+def test_kl_term_messages_name_the_hooked_layers():
+    torch.manual_seed(0)
+    model = with_common_rationale(BothCopiesInTheLoss(), k=4)
+    lcr = model.common_rationale
+    with pytest.raises(RuntimeError) as err:
+        model.training_step(two_view_batch(b=4), 0)
+    assert str(err.value) == (
+        "The SSL loss depends on the feature maps of several encoders ('backbone.layer4', "
+        "'teacher.layer4'); LCR trains one head on the online encoder. Freeze the "
+        "momentum/teacher encoder (requires_grad=False or torch.no_grad) or pass layer=."
+    )
+    with pytest.raises(RuntimeError) as err:
+        lcr.kl_term(torch.ones((), requires_grad=True))  # nothing captured
+    assert str(err.value) == (
+        "LCR captured no feature map with gradient at 'backbone.layer4' or 'teacher.layer4' "
+        "during this training step. The hooked layer must be on the online (gradient) path "
+        "of the SSL loss and the model must be in training mode; pass layer=<name> if the "
+        "backbone attribute is a momentum encoder."
+    )
+
+
+def test_attach_hands_a_custom_token_reshape_to_the_capture():
+    from tests.test_vit import tiny_timm_vit
+
+    torch.manual_seed(0)
+    vit = tiny_timm_vit("avg")
+
+    def two_by_eight(tokens):  # 16 patch tokens as a 2x8 map (not the automatic 4x4)
+        return tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], -1, 2, 8)
+
+    lcr = attach(vit, k=4, layer="blocks.1", reshape=two_by_eight)
+    x = torch.randn(2, 3, 32, 32)
+    loss, (kl,) = _reference_kls(lcr, vit.blocks[1], lambda: vit(x).pow(2).sum(), two_by_eight)
+    lcr.record = True
+    torch.testing.assert_close(lcr.kl_term(loss), kl)
+    assert lcr.last_step.head_maps[0].shape == (2, 2, 8)
+
+
+def test_attach_puts_the_head_on_the_backbone_device():
+    lcr = attach(_backbone().to("meta"), layer="layer4", pool="avgpool", in_channels=16)
+    assert {p.device.type for p in lcr.parameters()} == {"meta"}

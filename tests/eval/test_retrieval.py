@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from lcr_lightly.eval import retrieval_metrics
+from lcr_lightly.eval import l2_normalize, retrieval_metrics
 
 
 def brute_force(features, labels, ks=(1, 5)):
@@ -189,8 +189,26 @@ def test_a_chunk_of_single_item_classes_does_not_end_the_scan(approximate):
 
 def test_two_items_are_enough_and_one_is_refused():
     assert retrieval_metrics(np.array([[1.0], [0.9]]), np.array([0, 0]), ks=(1,))["rank1"] == 1.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^Retrieval needs at least two items\.$"):
         retrieval_metrics(np.array([[1.0, 0.0]]), np.array([0]))
+
+
+def test_l2_normalize_gives_float32_unit_rows_from_float64():
+    x = np.array([[3.0, 4.0], [0.0, 0.0], [1e-3, 0.0]], dtype=np.float64)
+    got = l2_normalize(x)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, [[0.6, 0.8], [0.0, 0.0], [1.0, 0.0]], rtol=1e-6)
+
+
+def test_labels_as_a_column_score_like_flat_labels():
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(4), 5)
+    features = rng.normal(size=(20, 6))
+    ref = brute_force(features, labels)
+    for kw in ({}, {"index": "hnsw", "search_k": 19}):
+        got = retrieval_metrics(features, labels.reshape(-1, 1), **kw)
+        assert got["rank1"] == pytest.approx(ref["rank1"]), kw
+        assert got["mAP"] == pytest.approx(ref["mAP"], abs=1e-9), kw
 
 
 def test_no_query_with_a_same_class_item_scores_zero():
@@ -198,3 +216,40 @@ def test_no_query_with_a_same_class_item_scores_zero():
     for kw in ({}, {"index": "hnsw"}):
         got = retrieval_metrics(features, np.arange(4), ks=(1,), **kw)
         assert got["rank1"] == 0.0 and got["mAP"] == 0.0, kw
+
+
+def truncated_brute_force(features, labels, search_k, ks=(1, 3)):
+    """Reference for ``index="hnsw"``: rank-k and AP over each query's top ``search_k`` list.
+
+    AP sums precision at the relevant items inside the list and divides by
+    min(#relevant, list length); a query without same-class items counts for rank-k only.
+    """
+    x = features / np.linalg.norm(features, axis=1, keepdims=True)
+    sims = x @ x.T
+    n = len(labels)
+    hits, aps = {k: 0 for k in ks}, []
+    for i in range(n):
+        others = sorted((j for j in range(n) if j != i), key=lambda j: -sims[i, j])
+        listed = others[:search_k]
+        n_rel = sum(labels[j] == labels[i] for j in others)
+        if n_rel == 0:
+            continue
+        ranks = [p for p, j in enumerate(listed, start=1) if labels[j] == labels[i]]
+        aps.append(sum(f / r for f, r in enumerate(ranks, start=1)) / min(n_rel, len(listed)))
+        for k in ks:
+            hits[k] += int(bool(ranks) and ranks[0] <= k)
+    return {**{f"rank{k}": hits[k] / n for k in ks}, "mAP": float(np.mean(aps))}
+
+
+@pytest.mark.parametrize("search_k", [3, 5])
+def test_hnsw_scores_its_truncated_list_like_a_brute_force_reference(search_k):
+    # 30 items: the HNSW graph holds them all, so its lists are the exact top search_k.
+    rng = np.random.default_rng(search_k)
+    labels = np.repeat(np.arange(3), 10)
+    features = rng.normal(size=(30, 8))
+    got = retrieval_metrics(features, labels, ks=(1, 3), index="hnsw", search_k=search_k)
+    ref = truncated_brute_force(features, labels, search_k)
+    # the data includes queries with no class-mate in their list (they score zero AP)
+    assert ref["rank3"] < 1.0
+    for key in ("rank1", "rank3", "mAP"):
+        assert got[key] == pytest.approx(ref[key], abs=1e-6), key

@@ -12,8 +12,8 @@ fine-grained set at 128 px (``benchmarks/configs/imagenet_synthetic.yaml``), CPU
 
 Results: ``benchmarks/results/imagenet_<method>_recipe.*`` and ``imagenet_<method>.*``.
 
-    python benchmarks/imagenet_study.py --methods mocov2 --seeds 0 1 2
-    python benchmarks/imagenet_study.py --methods byol --seeds 0 1 2 --lrs 0.003 0.03 0.3 1.0
+    python benchmarks/imagenet_study.py --methods mocov2
+    python benchmarks/imagenet_study.py --methods byol --lrs 0.03 0.3 1.0 --momenta 0.999
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ MOMENTA = (0.99, 0.999)
 SELECT = {"mocov2": "mAP", "byol": "linear"}
 
 
-def grid(method: str, lrs: Sequence[float] = LRS) -> Dict[str, Dict[str, Any]]:
+def grid(
+    method: str, lrs: Sequence[float] = LRS, momenta: Sequence[float] = MOMENTA
+) -> Dict[str, Dict[str, Any]]:
     """The recipe grid: base lr x EMA momentum, with and without LCR."""
     return {
         f"{'LCR' if lcr else 'baseline'} lr={lr} m={m}": {
@@ -44,7 +46,7 @@ def grid(method: str, lrs: Sequence[float] = LRS) -> Dict[str, Dict[str, Any]]:
         }
         for lcr in (False, True)
         for lr in lrs
-        for m in MOMENTA
+        for m in momenta
     }
 
 
@@ -94,6 +96,9 @@ def main(argv: Sequence[str] = ()) -> None:
     parser.add_argument(
         "--lrs", type=float, nargs="+", default=list(LRS), help="base learning rates of the grid"
     )
+    parser.add_argument(
+        "--momenta", type=float, nargs="+", default=list(MOMENTA), help="EMA momenta of the grid"
+    )
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--set", nargs="*", default=[], help="key=value overrides")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -102,12 +107,17 @@ def main(argv: Sequence[str] = ()) -> None:
         f"python benchmarks/imagenet_study.py --methods {' '.join(args.methods)} "
         f"--seeds {' '.join(map(str, args.seeds))}"
         + (f" --lrs {' '.join(map(str, args.lrs))}" if tuple(args.lrs) != LRS else "")
+        + (
+            f" --momenta {' '.join(map(str, args.momenta))}"
+            if tuple(args.momenta) != MOMENTA
+            else ""
+        )
         + (f" --config {args.config}" if args.config != CONFIG else "")
         + (f" --set {' '.join(args.set)}" if args.set else "")
     )
     base = base_config(args.config, args.set)
     for method in args.methods:
-        variants = grid(method, args.lrs)
+        variants = grid(method, args.lrs, args.momenta)
         raw = run_study(
             f"imagenet_{method}_recipe",
             variants,

@@ -80,8 +80,12 @@ def test_gradcam_rejects_bad_inputs():
     with pytest.raises(ValueError, match="Unknown GradCAM mode"):
         gradcam(f.sum(), [f], mode="pixel")
     other = torch.randn(2, 4, 3, 3, requires_grad=True)
-    with pytest.raises(ValueError, match="does not depend"):
+    with pytest.raises(ValueError) as err:
         gradcam((f**2).sum(), [other])
+    assert str(err.value) == (
+        "The SSL loss does not depend on a captured feature map: the hooked layer is not on "
+        "the path from the online view to the loss."
+    )
 
 
 def test_capture_ignores_no_grad_eval_and_frozen_outputs():
@@ -153,3 +157,42 @@ def test_float16_maps_neither_underflow_nor_overflow(factor):
         assert not torch.isfinite(scaled).all()
     (cam,) = gradcam(loss, [feature])
     torch.testing.assert_close(cam, expected, rtol=2e-3, atol=0)
+    # the retry after an overflow needs the graph again, even when the caller frees it
+    (cam,) = gradcam(loss, [feature], retain_graph=False)
+    torch.testing.assert_close(cam, expected, rtol=2e-3, atol=0)
+
+
+def test_fp16_gradient_that_overflows_unscaled_ends_the_retries_non_finite():
+    leaf = torch.rand(2, 4, 3, 3, dtype=torch.float16, requires_grad=True)
+    feature = leaf * 1.0
+    loss = (feature.float() * 1e6).sum()  # 1e6 > 65504: inf even at scale 1
+    (cam,) = gradcam(loss, [feature])
+    assert not torch.isfinite(cam).all()
+
+
+def test_float16_autocast_scales_the_gradient_of_float32_maps():
+    torch.manual_seed(0)
+    feature = torch.rand(2, 4, 3, 3, requires_grad=True) * 1.0  # a float32 map
+    weight = torch.ones(4, 1)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = feature.mean(dim=(2, 3)) @ weight  # a float16 matmul under autocast
+        loss = out.float().sum() * 1e-8  # dL/d(out) = 1e-8 underflows in float16
+        assert (torch.autograd.grad(loss, feature, retain_graph=True)[0] == 0).all()
+        (cam,) = gradcam(loss, [feature])
+    expected = torch.relu((feature.detach() * 1e-8 / 9).sum(dim=1))
+    torch.testing.assert_close(cam, expected, rtol=2e-3, atol=0)
+
+
+def test_float16_autocast_query_of_torch_before_2_4(monkeypatch):
+    """torch 2.1-2.3: no get_autocast_dtype, is_autocast_enabled() is CUDA's, no argument."""
+    from lcr_lightly.gradcam import _fp16_autocast
+
+    state = {"enabled": True, "dtype": torch.float16}
+    monkeypatch.delattr(torch, "get_autocast_dtype")
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda: state["enabled"])
+    monkeypatch.setattr(torch, "get_autocast_gpu_dtype", lambda: state["dtype"])
+    assert _fp16_autocast("cuda") and not _fp16_autocast("cpu")
+    state["dtype"] = torch.bfloat16
+    assert not _fp16_autocast("cuda")
+    state.update(enabled=False, dtype=torch.float16)
+    assert not _fp16_autocast("cuda")

@@ -77,8 +77,12 @@ def test_pool_matches_explicit_loop():
 
 def test_head_channel_mismatch_and_bad_args():
     head = CommonRationaleHead(8, k=4)
-    with pytest.raises(ValueError, match="in_channels=8.*has 6 channels"):
-        head(torch.randn(2, 6, 3, 3))
+    with pytest.raises(ValueError) as err:
+        head(torch.randn(2, 6, 3, 5))
+    assert str(err.value) == (
+        "CommonRationaleHead was built for in_channels=8 but the feature map has 6 channels; "
+        "pass in_channels=6 (or the right layer=)."
+    )
     with pytest.raises(ValueError, match="B, C, H, W"):
         head(torch.randn(2, 8))
     with pytest.raises(ValueError, match="normalize"):

@@ -181,3 +181,26 @@ def test_dry_forward_follows_device_dtype_and_channels():
     net = nn.Sequential(nn.Conv2d(1, 4, 3, stride=16), nn.AdaptiveAvgPool2d(1)).double()
     path = find_feature_path(net)
     assert path.layer_name == "0" and path.map_shape == (2, 4, 4, 4)
+
+
+class ReluAfterTheStage(nn.Module):
+    """The pool consumes F.relu(stage(x)): no module returns that tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage = nn.Conv2d(3, 4, 3, stride=16)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(nn.functional.relu(self.stage(x))).flatten(1)
+
+
+def test_a_pool_input_no_module_returns_is_refused_with_the_maps():
+    with pytest.raises(ValueError) as err:
+        find_feature_path(ReluAfterTheStage())
+    assert str(err.value) == (
+        "The input of the global pool 'pool' of ReluAfterTheStage (2, 4, 4, 4) is not the "
+        "output of a module (it is computed functionally, e.g. F.relu(self.features(x)), or by "
+        "a module that runs several times), so no hook can capture it. Pass layer=<dotted name> "
+        "of the module that returns it; maps: 'pool' (2, 4, 1, 1), 'stage' (2, 4, 4, 4)."
+    )

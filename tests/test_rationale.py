@@ -193,3 +193,63 @@ def test_attach_hands_a_custom_token_reshape_to_the_capture():
 def test_attach_puts_the_head_on_the_backbone_device():
     lcr = attach(_backbone().to("meta"), layer="layer4", pool="avgpool", in_channels=16)
     assert {p.device.type for p in lcr.parameters()} == {"meta"}
+
+
+def test_common_rationale_defaults_are_the_papers():
+    from lcr_lightly import CommonRationale
+
+    backbone = _backbone()
+    lcr = CommonRationale(backbone.layer4, in_channels=16)
+    # K = 32, nu = 0.01, gradient of the KL into the backbone, every view (paper, Sec. 3)
+    assert (lcr.head.k, lcr.weight, lcr.detach_features, lcr.views) == (32, 0.01, False, "all")
+    assert (lcr.gradcam_mode, lcr.nonfinite) == ("elementwise", "error")
+    assert not lcr.pool_in_training
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "choices"),
+    [
+        ("gradcam_mode", "pixel", "('elementwise', 'channel')"),
+        ("views", "second", "('all', 'first')"),
+    ],
+)
+def test_unknown_choices_are_named(option, value, choices):
+    with pytest.raises(ValueError) as err:
+        attach(_backbone(), **{option: value})
+    assert str(err.value) == f"Unknown {option}={value!r}; expected one of {choices}."
+
+
+def test_kl_term_messages_for_maps_off_the_loss_path_and_single_positions():
+    torch.manual_seed(0)
+    backbone = _backbone()
+    lcr = attach(backbone, k=4)
+    backbone(torch.randn(2, 3, 32, 32))
+    with pytest.raises(RuntimeError) as err:
+        lcr.kl_term(torch.ones((), requires_grad=True) * 2)  # a loss without the map
+    assert str(err.value) == (
+        "The SSL loss does not depend on any feature map captured at 'layer4': the hooked "
+        "layer is not on the path from the online views to the loss. Pass layer=<name> of the "
+        "online encoder."
+    )
+    small = torch.randn(3, 3, 4, 4)  # 4 px: layer4 gives a 1x1 map
+    loss = backbone(small).pow(2).sum()
+    with pytest.warns(RuntimeWarning) as record:
+        kl = lcr.kl_term(loss)
+    assert kl == 0 and lcr.batch_size == 3
+    assert [str(w.message) for w in record] == [
+        "LCR: the feature map at 'layer4' is 1x1 (shape (3, 16, 1, 1)): with one position both "
+        "softmaxes are 1, the KL is exactly 0 and the head learns nothing. Use larger inputs "
+        "(a stride-32 backbone needs >= 64 px)."
+    ]
+
+
+def test_non_finite_gradcam_message_names_what_to_do():
+    backbone = _backbone()
+    lcr = attach(backbone, k=4, nonfinite="skip")
+    loss = backbone(torch.randn(2, 3, 32, 32)).sum() * float("inf")
+    with pytest.warns(RuntimeWarning) as record:
+        kl = lcr.kl_term(loss)
+    assert kl == 0 and [str(w.message) for w in record] == [
+        "LCR: the GradCAM of the SSL loss is not finite (NaN or inf). Lower the learning rate, "
+        "check the inputs, or pass nonfinite='skip' to drop such terms with a warning. Skipped."
+    ]

@@ -253,3 +253,44 @@ def test_non_finite_gradcam_message_names_what_to_do():
         "LCR: the GradCAM of the SSL loss is not finite (NaN or inf). Lower the learning rate, "
         "check the inputs, or pass nonfinite='skip' to drop such terms with a warning. Skipped."
     ]
+
+
+def _positional_loss(layer: nn.Module, run):
+    """A loss on the map itself, weighted by position: there the two GradCAM modes differ."""
+    seen = []
+    handle = layer.register_forward_hook(lambda m, a, out: seen.append(out))
+    run()
+    handle.remove()
+    weights = torch.linspace(-1.0, 2.0, seen[0][0, 0].numel()).reshape(seen[0].shape[-2:])
+    return sum((f * weights).sum() for f in seen)
+
+
+@pytest.mark.parametrize("copies", [False, True])
+def test_channel_gradcam_mode_reaches_the_kl_on_one_or_several_encoders(copies):
+    torch.manual_seed(0)
+    model = with_common_rationale(TwoTrainableCopies() if copies else ToySiamese(), k=4)
+    lcr = model.common_rationale
+    lcr.gradcam_mode = "channel"
+    assert lcr.online_decided is not copies
+    x = two_view_batch(b=4)[0][0]
+    feats = []
+    handle = model.backbone.layer4.register_forward_hook(lambda m, a, out: feats.append(out))
+    loss = _positional_loss(model.backbone.layer4, lambda: model.backbone(x))
+    handle.remove()
+    (grad,) = torch.autograd.grad(loss, feats, retain_graph=True)
+    channel = torch.relu((grad.mean(dim=(2, 3), keepdim=True) * feats[0]).sum(dim=1))
+    elementwise = torch.relu((grad * feats[0]).sum(dim=1))
+    assert not torch.allclose(channel, elementwise)
+    expected = lcr.loss_fn(lcr.head(feats[0]), channel)
+    torch.testing.assert_close(lcr.kl_term(loss), expected)
+
+
+def test_a_copy_that_runs_with_gradient_outside_the_loss_is_ignored():
+    torch.manual_seed(0)
+    model = with_common_rationale(TwoTrainableCopies(), k=4)
+    lcr = model.common_rationale
+    (x0, x1), _ = two_view_batch(b=4)
+    model.teacher(x1)  # with gradient, but the loss never sees it
+    loss, kls = _reference_kls(lcr, model.backbone.layer4, lambda: _two_view_loss(model.backbone))
+    torch.testing.assert_close(lcr.kl_term(loss), (kls[0] + kls[1]) / 2)
+    assert lcr.layer_name == "backbone.layer4"

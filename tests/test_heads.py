@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lcr_lightly import CommonRationaleHead, minmax_normalize, weighted_average_pool
 
@@ -104,6 +105,17 @@ def test_head_channel_mismatch_and_bad_args():
 def test_head_sizes_must_be_positive_integers(kwargs, name):
     with pytest.raises(ValueError, match=f"^{name} must be a positive integer"):
         CommonRationaleHead(**kwargs)
+
+
+def test_head_defaults_and_mlp_layout_follow_the_paper():
+    head = CommonRationaleHead(8)
+    assert head.k == 32 and head.conv.bias is None  # K = 32 projections, 1x1 conv without bias
+    mlp = CommonRationaleHead(6, k=3, hidden_channels=4).mlp
+    assert [type(m) for m in mlp] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+    assert mlp[0].bias is None and mlp[0].kernel_size == (1, 1)
+    with pytest.raises(ValueError) as err:
+        CommonRationaleHead(8, normalize="softmax")
+    assert str(err.value) == "Unknown normalize='softmax'; expected one of ('image', 'batch')."
 
 
 def test_mlp_head_variant():

@@ -204,3 +204,23 @@ def test_a_pool_input_no_module_returns_is_refused_with_the_maps():
         "a module that runs several times), so no hook can capture it. Pass layer=<dotted name> "
         "of the module that returns it; maps: 'pool' (2, 4, 1, 1), 'stage' (2, 4, 4, 4)."
     )
+
+
+class SharedReLU(nn.Module):
+    """The pooled map comes from a ReLU module that also runs after the first stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage1 = nn.Conv2d(3, 4, 3, stride=4)
+        self.stage2 = nn.Conv2d(4, 4, 3, stride=4)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(self.relu(self.stage2(self.relu(self.stage1(x))))).flatten(1)
+
+
+def test_a_module_that_runs_twice_is_not_taken_as_the_feature_layer():
+    # a hook on it would capture both of its outputs every step
+    with pytest.raises(ValueError, match=r"^The input of the global pool 'pool' of SharedReLU"):
+        find_feature_path(SharedReLU())

@@ -294,3 +294,29 @@ def test_a_copy_that_runs_with_gradient_outside_the_loss_is_ignored():
     loss, kls = _reference_kls(lcr, model.backbone.layer4, lambda: _two_view_loss(model.backbone))
     torch.testing.assert_close(lcr.kl_term(loss), (kls[0] + kls[1]) / 2)
     assert lcr.layer_name == "backbone.layer4"
+
+
+@pytest.mark.parametrize("detach_features", [False, True])
+def test_the_kl_reaches_the_backbone_unless_features_are_detached(detach_features):
+    torch.manual_seed(0)
+    backbone = _backbone()
+    lcr = attach(backbone, k=4, detach_features=detach_features)
+    loss = _two_view_loss(backbone)
+    kl = lcr.kl_term(loss)
+    grads = torch.autograd.grad(kl, list(backbone.layer4.parameters()), allow_unused=True)
+    reached = any(g is not None and bool(g.abs().sum() > 0) for g in grads)
+    assert reached is not detach_features
+
+
+def test_the_step_record_times_the_kl_term_and_names_the_head_width():
+    import time
+
+    backbone = _backbone()
+    lcr = attach(backbone, k=4, head_hidden=6)
+    lcr.record = True
+    loss = _two_view_loss(backbone)
+    before = time.perf_counter()
+    lcr.kl_term(loss)
+    elapsed = time.perf_counter() - before
+    assert 0 < lcr.last_step.seconds <= elapsed
+    assert lcr.head.extra_repr() == "in_channels=16, k=4, normalize='image', hidden_channels=6"

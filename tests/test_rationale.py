@@ -320,3 +320,13 @@ def test_the_step_record_times_the_kl_term_and_names_the_head_width():
     elapsed = time.perf_counter() - before
     assert 0 < lcr.last_step.seconds <= elapsed
     assert lcr.head.extra_repr() == "in_channels=16, k=4, normalize='image', hidden_channels=6"
+
+
+def test_attach_passes_the_head_options_and_checks_the_loss_and_nonfinite_choice():
+    assert attach(_backbone(), k=4, normalize="batch").head.normalize == "batch"
+    with pytest.raises(ValueError) as err:
+        attach(_backbone(), nonfinite="ignore")
+    assert str(err.value) == "Unknown nonfinite='ignore'; expected one of ('error', 'skip')."
+    with pytest.raises(TypeError) as err:
+        attach(_backbone(), loss=nn.MSELoss())
+    assert str(err.value) == "loss must be a GradCAMFitLoss, not MSELoss."

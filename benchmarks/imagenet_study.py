@@ -103,15 +103,15 @@ def main(argv: Sequence[str] = ()) -> None:
     parser.add_argument("--set", nargs="*", default=[], help="key=value overrides")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(list(argv) or None)
+
+    def flag(name: str, values: Sequence[Any], default: Sequence[Any]) -> str:
+        return f" --{name} {' '.join(map(str, values))}" if tuple(values) != tuple(default) else ""
+
     command = (
         f"python benchmarks/imagenet_study.py --methods {' '.join(args.methods)} "
         f"--seeds {' '.join(map(str, args.seeds))}"
-        + (f" --lrs {' '.join(map(str, args.lrs))}" if tuple(args.lrs) != LRS else "")
-        + (
-            f" --momenta {' '.join(map(str, args.momenta))}"
-            if tuple(args.momenta) != MOMENTA
-            else ""
-        )
+        + flag("lrs", args.lrs, LRS)
+        + flag("momenta", args.momenta, MOMENTA)
         + (f" --config {args.config}" if args.config != CONFIG else "")
         + (f" --set {' '.join(args.set)}" if args.set else "")
     )

@@ -55,6 +55,48 @@ def test_rationale_pooling_message_names_the_layer_and_what_to_do():
     )
 
 
+
+def test_without_copies_the_online_pool_pools_in_training_from_the_first_call():
+    x = torch.randn(4, 3, 32, 32)
+    for in_training in (False, True):
+        backbone = _backbone()
+        lcr = attach(backbone, k=4, pool_in_training=in_training)
+        backbone.train()
+        with torch.no_grad():
+            pooled, (fmap,) = _outputs_of(backbone.layer4, lambda: backbone(x))
+        expected = lcr.head.pool(fmap) if in_training else fmap.mean(dim=(2, 3))
+        torch.testing.assert_close(pooled, expected)
+        assert not torch.allclose(lcr.head.pool(fmap), fmap.mean(dim=(2, 3)))
+
+
+def test_an_unnamed_layer_and_pool_are_named_after_their_class():
+    from lcr_lightly import CommonRationale
+
+    lcr = CommonRationale(nn.Conv2d(3, 4, 3), in_channels=4, pool=nn.AdaptiveAvgPool2d(1))
+    assert (lcr.layer_name, lcr.pool_name) == ("Conv2d", "AdaptiveAvgPool2d")
+    assert (lcr.pool_names, lcr.pooling) == (["AdaptiveAvgPool2d"], "rationale")
+    lcr = CommonRationale(nn.Conv2d(3, 4, 3), in_channels=4)
+    assert (lcr.layer_name, lcr.pool_name, lcr.pooling) == ("Conv2d", None, "gap")
+
+
+class WholeBackboneIsTheLayer(ToySiamese):
+    """The backbone is one conv giving the map; the model pools it functionally."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Conv2d(3, 16, 3, stride=2)
+
+    def forward(self, x):
+        return self.backbone(x).mean(dim=(2, 3))
+
+
+def test_a_layer_that_is_the_whole_encoder_is_named_after_the_encoder():
+    model = with_common_rationale(WholeBackboneIsTheLayer(), k=4, layer="backbone")
+    lcr = model.common_rationale
+    assert (lcr.layer_name, lcr.pool_name) == ("backbone", None)
+    assert lcr.capture.layer is model.backbone
+
+
 class TwoTrainableCopies(ToySiamese):
     """A teacher copy that requires grad but never reaches the loss (frozen in practice)."""
 

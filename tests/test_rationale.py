@@ -55,18 +55,17 @@ def test_rationale_pooling_message_names_the_layer_and_what_to_do():
     )
 
 
-
-def test_without_copies_the_online_pool_pools_in_training_from_the_first_call():
+@pytest.mark.parametrize("in_training", [False, True])
+def test_without_copies_the_online_pool_pools_in_training_from_the_first_call(in_training):
     x = torch.randn(4, 3, 32, 32)
-    for in_training in (False, True):
-        backbone = _backbone()
-        lcr = attach(backbone, k=4, pool_in_training=in_training)
-        backbone.train()
-        with torch.no_grad():
-            pooled, (fmap,) = _outputs_of(backbone.layer4, lambda: backbone(x))
-        expected = lcr.head.pool(fmap) if in_training else fmap.mean(dim=(2, 3))
-        torch.testing.assert_close(pooled, expected)
-        assert not torch.allclose(lcr.head.pool(fmap), fmap.mean(dim=(2, 3)))
+    backbone = _backbone()
+    lcr = attach(backbone, k=4, pool_in_training=in_training)
+    backbone.train()
+    with torch.no_grad():
+        pooled, (fmap,) = _outputs_of(backbone.layer4, lambda: backbone(x))
+    expected = lcr.head.pool(fmap) if in_training else fmap.mean(dim=(2, 3))
+    torch.testing.assert_close(pooled, expected)
+    assert not torch.allclose(lcr.head.pool(fmap), fmap.mean(dim=(2, 3)))
 
 
 def test_an_unnamed_layer_and_pool_are_named_after_their_class():
@@ -237,6 +236,50 @@ def test_attach_hands_a_custom_token_reshape_to_the_capture():
     lcr.record = True
     torch.testing.assert_close(lcr.kl_term(loss), kl)
     assert lcr.last_step.head_maps[0].shape == (2, 2, 8)
+
+
+def test_the_head_reads_its_channels_off_a_custom_reshape():
+    from tests.test_vit import tiny_timm_vit
+
+    def half_the_channels(tokens):  # 16 patch tokens, the first 16 of 32 dims, as 4x4
+        return tokens[:, 1:, :16].transpose(1, 2).reshape(tokens.shape[0], 16, 4, 4)
+
+    lcr = attach(tiny_timm_vit("avg"), k=4, layer="blocks.1", reshape=half_the_channels)
+    assert lcr.head.in_channels == 16
+
+
+class ImagesAndMask(nn.Module):
+    """A backbone whose forward takes images and a mask: the dry forward cannot run it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _backbone()
+
+    def forward(self, x, mask):
+        return self.net(x * mask)
+
+
+def test_without_a_dry_forward_an_explicit_layer_pool_and_channels_are_enough():
+    from lcr_lightly.tracing import DryForwardError
+
+    backbone = ImagesAndMask()
+    lcr = attach(backbone, k=4, layer="net.layer4", pool="net.avgpool", in_channels=16)
+    assert (lcr.layer_name, lcr.pool_name, lcr.head.in_channels) == (
+        "net.layer4",
+        "net.avgpool",
+        16,
+    )
+    assert lcr.capture.layer is backbone.net.layer4 and lcr.pooler.module is backbone.net.avgpool
+    x = torch.randn(2, 3, 32, 32)
+    loss, (kl,) = _reference_kls(
+        lcr, backbone.net.layer4, lambda: backbone(x, torch.ones_like(x)).pow(2).sum()
+    )
+    torch.testing.assert_close(lcr.kl_term(loss), kl)
+    lcr = attach(ImagesAndMask(), k=4, layer="net.layer4", in_channels=16)
+    assert (lcr.pool_name, lcr.pooling) == (None, "gap")  # no pool inferred
+    for missing in (dict(layer="net.layer4"), dict(in_channels=16)):
+        with pytest.raises(DryForwardError, match=r"^The dry forward of ImagesAndMask "):
+            attach(ImagesAndMask(), k=4, **missing)
 
 
 def test_attach_puts_the_head_on_the_backbone_device():

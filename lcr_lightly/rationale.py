@@ -545,7 +545,17 @@ def attach(
     """
     path = _feature_path(backbone, layer, pool, reshape, in_channels)
     module = CommonRationale.from_path(path, k=k, loss=loss, reshape=reshape, **options)
-    ref = next(backbone.parameters(), None)
-    if ref is not None:
-        module.to(ref.device)
+    _to_backbone(module, backbone)
     return module
+
+
+def _to_backbone(module: nn.Module, backbone: nn.Module) -> None:
+    """Puts LCR's head on the backbone's device, in its dtype if that is floating point.
+
+    A backbone converted as a whole (``.to(torch.bfloat16)``) gives bfloat16 maps,
+    which the head must accept; under autocast the parameters stay float32.
+    """
+    ref = next(backbone.parameters(), None)
+    if ref is None:
+        return
+    module.to(ref.device, ref.dtype if ref.is_floating_point() else None)

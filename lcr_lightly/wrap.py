@@ -32,7 +32,7 @@ from lcr_lightly.encoders import encoder_group
 from lcr_lightly.hooks import remove_hooks
 from lcr_lightly.layers import LayerSpec, resolve_layer
 from lcr_lightly.losses import GradCAMFitLoss
-from lcr_lightly.rationale import CommonRationale, FeatureSite, _feature_path
+from lcr_lightly.rationale import CommonRationale, FeatureSite, _feature_path, _to_backbone
 
 SUBMODULE = "common_rationale"
 
@@ -323,9 +323,7 @@ def _attach_to_model(
     lcr = CommonRationale.from_path(
         path, prefix=primary, reshape=reshape, k=k, loss=loss, copies=copies, **options
     )
-    ref = next(children[primary].parameters(), None)
-    if ref is not None:
-        lcr.to(ref.device)
+    _to_backbone(lcr, children[primary])
     return lcr
 
 

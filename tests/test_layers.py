@@ -147,6 +147,68 @@ def test_max_and_catavgmax_pooling_are_refused():
             find_feature_path(model)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_average_pooling_is_recognised_at_the_precision_of_the_backbone(dtype):
+    # bfloat16 rounds the pooled mean by up to 0.4 %: still average pooling
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0).to(dtype)
+    path = find_feature_path(model)
+    assert (path.layer_name, path.pool_name) == ("layer4", "global_pool.pool")
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling: close to, but not, the average (above it for p > 1)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return x.clamp(min=0).pow(self.p).mean(dim=(2, 3), keepdim=True).pow(1 / self.p)
+
+
+class Scale(nn.Module):
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class ScaledStem(nn.Module):
+    """A conv + sigmoid stage whose features are scaled by ``scale``, then a pool."""
+
+    def __init__(self, pool: nn.Module, scale: float):
+        super().__init__()
+        self.stage = nn.Sequential(nn.Conv2d(3, 8, 3, stride=16), nn.Sigmoid(), Scale(scale))
+        self.pool = pool
+
+    def forward(self, x):
+        return self.pool(self.stage(x)).flatten(1)
+
+
+@pytest.mark.parametrize("p", [0.5, 2.0])
+@pytest.mark.parametrize("scale", [1e-5, 1.0, 1e3])
+def test_the_average_test_does_not_depend_on_the_feature_scale(scale, p):
+    torch.manual_seed(0)
+    assert find_feature_path(ScaledStem(nn.AdaptiveAvgPool2d(1), scale)).pool_name == "pool"
+    net = ScaledStem(GeM(p), scale)
+    seen = []
+    net.pool.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+    with pytest.raises(ValueError, match="'pool' .*but is not average pooling"):
+        find_feature_path(net)
+    x, gem = seen[0]
+    mean, gem = x.mean(dim=(2, 3)), gem.flatten(1)
+    # On the dry forward's map GeM lies within 2x of the mean, 1 % of the largest mean off
+    assert bool((gem <= 2 * mean).all() and (gem >= mean / 2).all())
+    assert float((gem - mean).abs().max()) > 0.01 * float(mean.max())
+
+
+def test_a_dead_map_still_finds_its_average_pool():
+    net = ScaledStem(nn.AdaptiveAvgPool2d(1), 0.0)  # every feature 0 in the dry forward
+    assert find_feature_path(net).pool_name == "pool"
+
+
 def test_one_by_one_map_is_refused():
     net = nn.Sequential(nn.Conv2d(3, 4, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     with pytest.raises(ValueError, match=r"already 1x1.*'0' \(2, 4, 1, 1\)"):

@@ -150,12 +150,12 @@ def _outputs_of(layer: nn.Module, run):
 
 
 def _reference_kls(lcr, layer: nn.Module, run_loss, reshape=None):
-    """Per-view KLs computed by hand: own hook, autograd GradCAM, the head and the loss."""
+    """Per-view KLs by hand: own hook, autograd GradCAM in float32, the head and the loss."""
     loss, outputs = _outputs_of(layer, run_loss)
     grads = torch.autograd.grad(loss, outputs, retain_graph=True)
     if reshape is not None:
         outputs, grads = [reshape(t) for t in outputs], [reshape(g) for g in grads]
-    cams = [torch.relu((f * g).sum(dim=1)) for f, g in zip(outputs, grads)]
+    cams = [torch.relu((f.float() * g.float()).sum(dim=1)) for f, g in zip(outputs, grads)]
     return loss, [lcr.loss_fn(lcr.head(f), c) for f, c in zip(outputs, cams)]
 
 
@@ -285,6 +285,18 @@ def test_without_a_dry_forward_an_explicit_layer_pool_and_channels_are_enough():
 def test_attach_puts_the_head_on_the_backbone_device():
     lcr = attach(_backbone().to("meta"), layer="layer4", pool="avgpool", in_channels=16)
     assert {p.device.type for p in lcr.parameters()} == {"meta"}
+
+
+def test_a_bfloat16_backbone_gets_a_bfloat16_head_and_trains_it():
+    torch.manual_seed(0)
+    backbone = _backbone().to(torch.bfloat16)
+    lcr = attach(backbone, k=4)
+    assert {p.dtype for p in lcr.parameters()} == {torch.bfloat16}
+    x = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)
+    loss, (kl,) = _reference_kls(lcr, backbone.layer4, lambda: backbone(x).float().pow(2).sum())
+    torch.testing.assert_close(lcr.kl_term(loss), kl)
+    model = with_common_rationale(ToySiamese().to(torch.bfloat16), k=4)
+    assert {p.dtype for p in model.common_rationale.parameters()} == {torch.bfloat16}
 
 
 def test_common_rationale_defaults_are_the_papers():

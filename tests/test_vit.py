@@ -1,3 +1,4 @@
+import pytest
 import timm
 import torch
 import torchvision
@@ -90,3 +91,39 @@ def test_tiny_vit_trains_two_steps_wrapped():
     trainer.fit(model, loader())
     assert trainer.global_step == 2 and not torch.equal(before, lcr.head.conv.weight)
     assert torch.isfinite(trainer.callback_metrics["train_lcr_kl"])
+
+
+@pytest.mark.parametrize(("class_token", "reg_tokens", "prefix"), [(True, 4, 5), (False, 0, 0)])
+def test_prefix_tokens_of_the_vit_are_dropped_from_the_map(class_token, reg_tokens, prefix):
+    from lcr_lightly.layers import find_feature_path
+
+    torch.manual_seed(0)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+        embed_dim=32, num_heads=2, num_classes=0, global_pool="avg",
+        class_token=class_token, reg_tokens=reg_tokens,
+    )  # fmt: skip
+    path = find_feature_path(vit)
+    assert (path.layer_name, path.num_prefix_tokens, path.map_shape) == (
+        "blocks.1",
+        prefix,
+        (2, 32, 4, 4),  # the dry forward runs the declared 32 px: 4x4 patches of 8 px
+    )
+    tokens = torch.randn(2, prefix + 16, 32)
+    expected = tokens[:, prefix:].transpose(1, 2).reshape(2, 32, 4, 4)
+    torch.testing.assert_close(path.reshape(tokens), expected)
+
+
+def test_a_conv_layer_inside_a_vit_is_a_map_and_a_flat_output_is_refused():
+    from lcr_lightly.layers import find_feature_path
+
+    vit = tiny_timm_vit("avg")
+    path = find_feature_path(vit, layer="patch_embed.proj")  # the patchifying conv
+    assert (path.map_shape, path.num_prefix_tokens, path.pool) == ((2, 32, 4, 4), None, None)
+    with pytest.raises(ValueError) as err:
+        find_feature_path(vit, layer="fc_norm")  # pooled tokens (B, C)
+    assert str(err.value) == (
+        "Layer 'fc_norm' of VisionTransformer returns shape (2, 32); LCR needs a (B, C, H, W) "
+        "map. Choose a convolutional stage, or pass reshape= for token outputs of a backbone "
+        "that is not a recognised ViT."
+    )

@@ -175,11 +175,11 @@ def _shape(t: Optional[Tensor]) -> str:
 
 
 def _map_candidates(trace: Trace, limit: int = 8) -> str:
-    """The last spatial maps of the dry forward, outermost producer of each."""
+    """The last spatial maps of the dry forward (2+ positions), outermost producer of each."""
     seen: List[Tuple[int, ModuleCall]] = []
     for call in sorted(trace.calls, key=lambda c: c.end):
         out = call.output
-        if call.name and out is not None and out.dim() == 4:
+        if call.name and out is not None and _spatial(out):
             for i, (tid, best) in enumerate(seen):
                 if tid == id(out):
                     if call.depth < best.depth:
@@ -188,7 +188,7 @@ def _map_candidates(trace: Trace, limit: int = 8) -> str:
             else:
                 seen.append((id(out), call))
     shown = [f"{c.name!r} {_shape(c.output)}" for _, c in seen[-limit:]]
-    return ", ".join(reversed(shown)) if shown else "none"
+    return ", ".join(reversed(shown)) if shown else "no module returns a map of 2+ positions"
 
 
 def _dry_size(trace: Trace) -> str:
@@ -233,7 +233,7 @@ def _refuse_no_pool(root: nn.Module, trace: Trace, pools: List[ModuleCall]) -> V
     )
 
 
-def _pool_of(trace: Trace, pools: List[ModuleCall]) -> Optional[ModuleCall]:
+def _pool_of(pools: List[ModuleCall]) -> Optional[ModuleCall]:
     averages = [c for c in pools if _is_average(c)]
     return max(averages, key=lambda c: c.start) if averages else None
 
@@ -319,10 +319,10 @@ def find_feature_path(
     if layer_ref is None and pool_ref is None:
         tokens = find_token_layer(root)
         if tokens is not None:
-            layer_ref, pool_call = (tokens[0], tokens[1]), None
+            pool_call = None
             layer_call = _single_call(trace, tokens[1], tokens[0], root)
         else:
-            pool_call = _pool_of(trace, pools)
+            pool_call = _pool_of(pools)
             if pool_call is None:
                 raise _refuse_no_pool(root, trace, pools)
             _single_call(trace, pool_call.module, pool_call.name, root)
@@ -354,7 +354,7 @@ def find_feature_path(
                 and c.input is out
                 and c.input_version == layer_call.output_version
             ]
-            pool_call = _pool_of(trace, consuming)
+            pool_call = _pool_of(consuming)
     if layer_call.output is None:
         raise ValueError(f"Layer {layer_call.name!r} returns no tensor.")
     map_shape, prefix = _map_of(layer_call.output, layer_call.name, root, reshape)

@@ -686,7 +686,10 @@ def test_a_backbone_without_a_map_is_named_in_the_refusal() -> None:
         with_common_rationale(MLPBackbone())
     message = str(err.value)
     assert message.startswith("Sequential has no global average pooling module (dry forward at")
-    assert message.endswith("pool with common_rationale.head.pool(map) yourself): none.")
+    assert message.endswith(
+        "pool with common_rationale.head.pool(map) yourself): no module returns a map of 2+ "
+        "positions."
+    )
 
 
 def test_extracted_features_pool_the_map_that_forward_runs_dino_teacher() -> None:

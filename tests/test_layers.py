@@ -211,8 +211,16 @@ def test_a_dead_map_still_finds_its_average_pool():
 
 def test_one_by_one_map_is_refused():
     net = nn.Sequential(nn.Conv2d(3, 4, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    with pytest.raises(ValueError, match=r"already 1x1.*'0' \(2, 4, 1, 1\)"):
+    with pytest.raises(ValueError) as err:
         find_feature_layer(net)
+    assert str(err.value) == (
+        "Sequential has no global average pooling module (dry forward at 64x64 px): it pools "
+        "functionally (x.mean((2, 3)), F.adaptive_avg_pool2d) or its last map is already 1x1, "
+        "so the head could not be trained on the map that is pooled at inference. Pass "
+        "layer=<dotted name> to train on one of these maps (set_pooling('rationale') is then "
+        "unavailable; pool with common_rationale.head.pool(map) yourself): no module returns "
+        "a map of 2+ positions."
+    )
 
 
 def test_explicit_pool_gives_its_producer_and_mismatch_is_refused():
@@ -264,7 +272,7 @@ def test_a_pool_input_no_module_returns_is_refused_with_the_maps():
         "The input of the global pool 'pool' of ReluAfterTheStage (2, 4, 4, 4) is not the "
         "output of a module (it is computed functionally, e.g. F.relu(self.features(x)), or by "
         "a module that runs several times), so no hook can capture it. Pass layer=<dotted name> "
-        "of the module that returns it; maps: 'pool' (2, 4, 1, 1), 'stage' (2, 4, 4, 4)."
+        "of the module that returns it; maps: 'stage' (2, 4, 4, 4)."
     )
 
 
@@ -286,3 +294,152 @@ def test_a_module_that_runs_twice_is_not_taken_as_the_feature_layer():
     # a hook on it would capture both of its outputs every step
     with pytest.raises(ValueError, match=r"^The input of the global pool 'pool' of SharedReLU"):
         find_feature_path(SharedReLU())
+
+
+_RESNET18_MAPS = (
+    "'layer4' (2, 512, 2, 2), 'layer4.1.conv2' (2, 512, 2, 2), 'layer4.1.bn1' (2, 512, 2, 2), "
+    "'layer4.1.conv1' (2, 512, 2, 2), 'layer4.0.downsample' (2, 512, 2, 2), "
+    "'layer4.0.downsample.0' (2, 512, 2, 2), 'layer4.0' (2, 512, 2, 2), 'layer4.0.conv2' "
+    "(2, 512, 2, 2)"
+)  # the last eight spatial maps, latest first; layer4.1.relu runs twice, so it is left out
+
+
+@pytest.mark.parametrize(
+    "names", [dict(layer="unused"), dict(pool="unused"), dict(layer="layer4", pool="unused")]
+)
+def test_an_explicit_module_that_does_not_run_is_named_with_the_maps_that_do(names):
+    resnet = torchvision.models.resnet18()
+    resnet.unused = nn.Conv2d(3, 3, 1)
+    with pytest.raises(ValueError) as err:
+        find_feature_path(resnet, **names)
+    assert str(err.value) == (
+        "'unused' does not run in a forward of ResNet (dry forward at 64x64 px). Maps that "
+        f"do: {_RESNET18_MAPS}."
+    )
+
+
+def test_an_explicit_layer_that_runs_twice_is_refused_with_the_maps():
+    with pytest.raises(ValueError) as err:
+        find_feature_path(torchvision.models.resnet18(), layer="layer4.1.relu")
+    assert str(err.value) == (
+        "'layer4.1.relu' runs 2 times in one forward of ResNet; its hook would see several "
+        f"different tensors. Choose a module that runs once: {_RESNET18_MAPS}."
+    )
+
+
+def test_an_explicit_pool_and_layer_that_do_not_match_are_refused():
+    with pytest.raises(ValueError) as err:
+        find_feature_path(torchvision.models.resnet18(), layer="layer3", pool="avgpool")
+    assert str(err.value) == (
+        "The pool 'avgpool' consumes (2, 512, 2, 2), not the output of layer 'layer3': the "
+        "head would be trained on one map and weight another at inference. Pass only one of "
+        "layer= and pool=, or a matching pair."
+    )
+
+
+def test_a_shared_block_of_a_vit_is_refused_as_the_token_layer():
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+        embed_dim=32, num_heads=2, num_classes=0,
+    )  # fmt: skip
+    vit.blocks[1] = vit.blocks[0]  # weight sharing: the last block runs twice
+    with pytest.raises(ValueError, match=r"^'blocks.0' runs 2 times in one forward of Vision"):
+        find_feature_path(vit)
+
+
+class TwoStreams(nn.Module):
+    """One pool module shared by two streams (a hook on it would see both maps)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rgb, self.depth = nn.Conv2d(3, 4, 3, stride=8), nn.Conv2d(3, 4, 3, stride=8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return torch.cat([self.pool(self.rgb(x)), self.pool(self.depth(x))], 1).flatten(1)
+
+
+def test_a_global_pool_that_runs_twice_is_refused():
+    with pytest.raises(ValueError) as err:
+        find_feature_path(TwoStreams())
+    assert str(err.value) == (
+        "'pool' runs 2 times in one forward of TwoStreams; its hook would see several "
+        "different tensors. Choose a module that runs once: 'depth' (2, 4, 8, 8), 'rgb' "
+        "(2, 4, 8, 8)."
+    )
+
+
+def test_an_explicit_pool_on_a_functional_map_names_the_backbone():
+    with pytest.raises(ValueError, match=r"^The input of the global pool 'pool' of ReluAfterThe"):
+        find_feature_path(ReluAfterTheStage(), pool="pool")
+
+
+class DictFeatures(nn.Module):
+    """torchvision's IntermediateLayerGetter returns a dict of maps; a pool follows."""
+
+    def __init__(self):
+        super().__init__()
+        body = torchvision.models.resnet18()
+        self.body = torchvision.models._utils.IntermediateLayerGetter(body, {"layer4": "out"})
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(self.body(x)["out"]).flatten(1)
+
+
+def test_a_module_returning_a_dict_is_passed_over_and_refused_as_the_layer():
+    path = find_feature_path(DictFeatures())
+    assert (path.layer_name, path.pool_name) == ("body.layer4", "pool")
+    with pytest.raises(ValueError) as err:
+        find_feature_path(DictFeatures(), layer="body")
+    assert str(err.value) == "Layer 'body' returns no tensor."
+
+
+class ColumnMap(nn.Module):
+    """A last map one column wide (2x1 at 64 px), as text and audio nets give."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage = nn.Conv2d(3, 4, (33, 64), stride=(31, 1))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(self.stage(x)).flatten(1)
+
+
+def test_a_map_of_two_positions_in_one_column_is_a_map():
+    path = find_feature_path(ColumnMap())
+    assert (path.layer_name, path.pool_name, path.map_shape) == ("stage", "pool", (2, 4, 2, 1))
+
+
+class MaxPooledWithSqueezeExcitation(nn.Module):
+    """torchvision's MobileNetV3 (average-pooling SE blocks) with a global max pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torchvision.models.mobilenet_v3_small()
+        self.net.avgpool = nn.AdaptiveMaxPool2d(1)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_an_average_pool_inside_a_block_is_not_the_global_pool():
+    with pytest.raises(ValueError, match=r"'net.avgpool' \(AdaptiveMaxPool2d\).*not average"):
+        find_feature_path(MaxPooledWithSqueezeExcitation())
+
+
+class TokensPooledFunctionally(nn.Module):
+    """A conv stage flattened to tokens (B, C, HW) by a module, then averaged by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage, self.flatten = nn.Conv2d(3, 4, 3, stride=16), nn.Flatten(2)
+
+    def forward(self, x):
+        return self.flatten(self.stage(x)).mean(dim=2)
+
+
+def test_flattening_a_map_to_tokens_is_not_pooling():
+    with pytest.raises(ValueError, match=r"^TokensPooledFunctionally has no global average pool"):
+        find_feature_path(TokensPooledFunctionally())

@@ -299,6 +299,36 @@ def test_a_bfloat16_backbone_gets_a_bfloat16_head_and_trains_it():
     assert {p.dtype for p in model.common_rationale.parameters()} == {torch.bfloat16}
 
 
+@pytest.mark.parametrize("channels", [1, 16])
+def test_one_image_and_a_one_channel_map_give_the_hand_kl(channels):
+    torch.manual_seed(0)
+    backbone = nn.Sequential(
+        nn.Conv2d(3, channels, 3, stride=8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
+    lcr = attach(backbone, k=4)
+    assert (lcr.layer_name, lcr.head.in_channels) == ("1", channels)
+    x = torch.randn(1, 3, 32, 32)  # batch size 1
+    loss, (kl,) = _reference_kls(lcr, backbone[1], lambda: backbone(x).pow(2).sum())
+    torch.testing.assert_close(lcr.kl_term(loss), kl)
+
+
+class IntegerTableFirst(nn.Module):
+    """A backbone whose first parameter is a frozen integer lookup table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.arange(4), requires_grad=False)
+        self.net = _backbone()
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_an_integer_first_parameter_leaves_the_head_in_float32():
+    lcr = attach(IntegerTableFirst(), k=4)
+    assert {p.dtype for p in lcr.parameters()} == {torch.float32}
+
+
 def test_common_rationale_defaults_are_the_papers():
     from lcr_lightly import CommonRationale
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lcr_lightly import GradCAMFitLoss, attach, with_common_rationale
+from lcr_lightly import CommonRationale, GradCAMFitLoss, attach, with_common_rationale
 from tests.conftest import ToySiamese, tiny_resnet, two_view_batch
 
 
@@ -69,8 +69,6 @@ def test_without_copies_the_online_pool_pools_in_training_from_the_first_call(in
 
 
 def test_an_unnamed_layer_and_pool_are_named_after_their_class():
-    from lcr_lightly import CommonRationale
-
     lcr = CommonRationale(nn.Conv2d(3, 4, 3), in_channels=4, pool=nn.AdaptiveAvgPool2d(1))
     assert (lcr.layer_name, lcr.pool_name) == ("Conv2d", "AdaptiveAvgPool2d")
     assert (lcr.pool_names, lcr.pooling) == (["AdaptiveAvgPool2d"], "rationale")
@@ -330,8 +328,6 @@ def test_an_integer_first_parameter_leaves_the_head_in_float32():
 
 
 def test_common_rationale_defaults_are_the_papers():
-    from lcr_lightly import CommonRationale
-
     backbone = _backbone()
     lcr = CommonRationale(backbone.layer4, in_channels=16)
     # K = 32, nu = 0.01, gradient of the KL into the backbone, every view (paper, Sec. 3)

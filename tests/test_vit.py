@@ -10,7 +10,8 @@ from lcr_lightly.tokens import find_token_layer
 from tests.conftest import loader, quiet_trainer, two_view_batch
 
 
-def tiny_timm_vit(global_pool: str = "avg", drop_path_rate: float = 0.0) -> nn.Module:
+def tiny_timm_vit(global_pool: str = "avg", drop_path_rate: float = 0.0, **kwargs) -> nn.Module:
+    """A 2-block, 32-wide timm ViT on 32 px images; ``kwargs`` go to ``create_model``."""
     return timm.create_model(
         "vit_tiny_patch16_224",
         pretrained=False,
@@ -23,6 +24,7 @@ def tiny_timm_vit(global_pool: str = "avg", drop_path_rate: float = 0.0) -> nn.M
         global_pool=global_pool,
         drop_path_rate=drop_path_rate,
         dynamic_img_size=True,
+        **kwargs,
     )
 
 
@@ -98,11 +100,7 @@ def test_prefix_tokens_of_the_vit_are_dropped_from_the_map(class_token, reg_toke
     from lcr_lightly.layers import find_feature_path
 
     torch.manual_seed(0)
-    vit = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
-        embed_dim=32, num_heads=2, num_classes=0, global_pool="avg",
-        class_token=class_token, reg_tokens=reg_tokens,
-    )  # fmt: skip
+    vit = tiny_timm_vit("avg", class_token=class_token, reg_tokens=reg_tokens)
     path = find_feature_path(vit)
     assert (path.layer_name, path.num_prefix_tokens, path.map_shape) == (
         "blocks.1",

@@ -8,7 +8,7 @@ drops the prefix (class/register) tokens and lays the rest out on the patch grid
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -39,6 +39,14 @@ def tokens_to_map(tokens: Tensor, num_prefix_tokens: int = 1) -> Tensor:
     return patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], side, side)
 
 
+def _child_names(blocks: nn.Sequential) -> List[str]:
+    """The names of ``blocks``' children by position, shared (weight-tied) blocks included.
+
+    ``named_children`` lists a module once however often it is a child.
+    """
+    return [n for n, _ in blocks.named_modules(remove_duplicate=False) if n and "." not in n]
+
+
 def find_token_layer(backbone: nn.Module) -> Optional[Tuple[str, nn.Module, int, int]]:
     """Finds the last transformer block of a ViT backbone.
 
@@ -64,14 +72,12 @@ def find_token_layer(backbone: nn.Module) -> Optional[Tuple[str, nn.Module, int,
         prefix_tokens = int(getattr(vit, "num_prefix_tokens", 1))
         token_pooled = getattr(vit, "global_pool", "token") in ("token", "")
         i = len(blocks) - 2 if token_pooled and len(blocks) > 1 else len(blocks) - 1
-        names = [name for name, _ in blocks.named_children()]
-        return f"{prefix}blocks.{names[i]}", blocks[i], width, prefix_tokens
+        return f"{prefix}blocks.{_child_names(blocks)[i]}", blocks[i], width, prefix_tokens
     encoder = getattr(vit, "encoder", None)
     layers = getattr(encoder, "layers", None)
     if isinstance(layers, nn.Sequential) and len(layers) and hasattr(vit, "class_token"):
         width = int(getattr(vit, "hidden_dim", 0))
         i = max(len(layers) - 2, 0)  # torchvision pools with the class token
         # torchvision names its blocks encoder_layer_0, ...: the real dotted name.
-        names = [name for name, _ in layers.named_children()]
-        return f"{prefix}encoder.layers.{names[i]}", layers[i], width, 1
+        return f"{prefix}encoder.layers.{_child_names(layers)[i]}", layers[i], width, 1
     return None

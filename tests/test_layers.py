@@ -338,12 +338,15 @@ def test_an_explicit_pool_and_layer_that_do_not_match_are_refused():
 
 
 def test_a_shared_block_of_a_vit_is_refused_as_the_token_layer():
-    vit = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
-        embed_dim=32, num_heads=2, num_classes=0,
-    )  # fmt: skip
+    from tests.test_vit import tiny_timm_vit
+
+    vit = tiny_timm_vit("token")
     vit.blocks[1] = vit.blocks[0]  # weight sharing: the last block runs twice
     with pytest.raises(ValueError, match=r"^'blocks.0' runs 2 times in one forward of Vision"):
+        find_feature_path(vit)
+    vit = tiny_timm_vit("avg")  # average pooling: the last block, by its own name
+    vit.blocks[1] = vit.blocks[0]
+    with pytest.raises(ValueError, match=r"^'blocks.1' runs 2 times in one forward of Vision"):
         find_feature_path(vit)
 
 

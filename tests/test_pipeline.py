@@ -121,7 +121,8 @@ def test_evaluate_scores_the_models_own_features_and_is_repeatable(tmp_path):
         )
         expected = retrieval_metrics(xte, yte)
         expected["knn"] = knn_accuracy(xtr, ytr, xte, yte)
-        expected["linear"] = linear_probe(xtr, ytr, xte, yte)["top1"]
+        probe = linear_probe(xtr, ytr, xte, yte)
+        expected["linear"], expected["linear_top5"] = probe["top1"], probe["top5"]
         assert results[pooling] == pytest.approx(expected, abs=1e-6), pooling
     assert results["gap"] != results["rationale"]
     assert evaluate(model, data, cfg) == results  # no state or RNG carried between calls

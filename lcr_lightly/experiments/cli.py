@@ -36,7 +36,8 @@ from lcr_lightly.experiments.config import (
 from lcr_lightly.experiments.generic_init import INIT_SETTINGS
 
 # Files a pretraining run writes into its --out-dir (removed by --overwrite).
-RUN_FILES = ("model.pt", "config.yaml", "results.json", "checkpoints")
+CHECKPOINT_DIR = "checkpoints"
+RUN_FILES = ("model.pt", "config.yaml", "results.json", CHECKPOINT_DIR)
 
 
 class UsageError(ValueError):
@@ -71,7 +72,16 @@ def build_parser() -> ArgumentParser:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out-dir from checkpoints/last.ckpt (its config is the default)",
+        help="continue the run in --out-dir from checkpoints/last.ckpt, or interrupted.ckpt "
+        "when newer (its config is the default)",
+    )
+    p.add_argument(
+        "--resume-from",
+        dest="resume_from",
+        type=Optional[str],
+        default=None,
+        help="continue the run in --out-dir from this training checkpoint (e.g. "
+        "checkpoints/epoch010.ckpt) instead of the newest one",
     )
     p.add_argument(
         "--overwrite",
@@ -124,25 +134,50 @@ def build_parser() -> ArgumentParser:
 def _stored_config(args: Namespace) -> Optional[Dict[str, Any]]:
     """The config stored in the checkpoint a command starts from, if any."""
     from lcr_lightly.experiments.checkpointing import read_checkpoint
-    from lcr_lightly.experiments.pipeline import last_checkpoint
+    from lcr_lightly.experiments.pipeline import resume_checkpoint
 
     if args.command in ("evaluate", "visualize"):
         return read_checkpoint(Path(args[args.command].checkpoint)).config
-    if args.command == "pretrain" and args.pretrain.resume:
+    chosen = args.pretrain.resume_from if args.command == "pretrain" else None
+    if args.command == "pretrain" and (args.pretrain.resume or chosen):
         if args.pretrain.overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
-        path = last_checkpoint(_to_config(args.pretrain))
+        path = Path(chosen) if chosen else resume_checkpoint(_to_config(args.pretrain))
+        if chosen and not path.is_file():
+            raise UsageError(f"--resume-from {path}: no such file")
         if not path.is_file():
             raise UsageError(
                 f"nothing to resume: {path} does not exist (no epoch of a run in "
                 f"{args.pretrain.out_dir} has finished); start over with --overwrite"
             )
-        config = read_checkpoint(path, training=True).config
+        try:
+            config = read_checkpoint(path, training=True).config
+        except CheckpointError as err:
+            intact = None if chosen else _intact_checkpoint(path)
+            if intact is None:
+                raise
+            raise CheckpointError(
+                f"{err}; {intact} beside it is intact: continue from it with --resume-from {intact}"
+            ) from None
         if config is None:
             raise CheckpointError(
                 f"not a readable lcr-lightly checkpoint: {path} (it holds no lcr-lightly config)"
             )
         return config
+    return None
+
+
+def _intact_checkpoint(broken: Path) -> Optional[Path]:
+    """The newest readable training checkpoint in the folder of a damaged one, if any."""
+    from lcr_lightly.experiments.checkpointing import read_checkpoint
+
+    others = [p for p in broken.parent.glob("*.ckpt") if p != broken]
+    for candidate in sorted(others, key=lambda p: p.stat().st_mtime_ns, reverse=True):
+        try:
+            if read_checkpoint(candidate, training=True).config is not None:
+                return candidate
+        except CheckpointError:
+            continue
     return None
 
 
@@ -186,6 +221,12 @@ def _prepare_out_dir(cfg: ExperimentConfig, resume: bool, overwrite: bool) -> No
     held = sorted(p.name for p in out.iterdir())
     if not held:
         return
+    if not overwrite and _failed_start(out, held):
+        # a run that stopped before its first checkpoint (bad data, a bug): nothing to
+        # keep, so its own rerun is not refused
+        for name in held:
+            shutil.rmtree(out / name)
+        return
     if not overwrite:
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
         raise UsageError(
@@ -200,6 +241,26 @@ def _prepare_out_dir(cfg: ExperimentConfig, resume: bool, overwrite: bool) -> No
             target.unlink()
 
 
+def _failed_start(out: Path, held: List[str]) -> bool:
+    """Whether ``out`` holds only the logs (and empty checkpoint folder) of a failed run."""
+    if not set(held) <= {"logs", CHECKPOINT_DIR} or not all((out / h).is_dir() for h in held):
+        return False
+    return not any((out / CHECKPOINT_DIR).glob("*.ckpt"))
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message on one line.
+
+    For an error re-raised by a DataLoader worker, whose message holds the worker's
+    traceback, the original message only.
+    """
+    text = str(err)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split())
+
+
 def _cmd_demo(args: Namespace) -> None:
     from lcr_lightly.experiments.demo import run_demo
 
@@ -212,8 +273,10 @@ def _cmd_demo(args: Namespace) -> None:
 def _cmd_pretrain(args: Namespace, cfg: ExperimentConfig) -> None:
     from lcr_lightly.experiments.pipeline import run
 
-    _prepare_out_dir(cfg, args.resume, args.overwrite)
-    out = run(cfg, resume=args.resume)
+    resume = args.resume or args.resume_from is not None
+    _prepare_out_dir(cfg, resume, args.overwrite)
+    chosen = Path(args.resume_from) if args.resume_from else None
+    out = run(cfg, resume=resume, checkpoint=chosen)
     print(json.dumps(out["results"], indent=2))
     print(f"results and model.pt written to {cfg.out_dir}")
 
@@ -287,21 +350,27 @@ def _run(argv: Optional[List[str]]) -> None:
     )
 
 
+# Exit status of a run stopped by SIGTERM (as a shell reports a process killed by it).
+SIGTERM_EXIT = 143
+
 # User errors: one line on stderr, exit code 2. Anything else is a bug and tracebacks.
 USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, UsageError)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point of the ``lcr-lightly`` console script."""
-    from lcr_lightly.experiments.pipeline import EvaluationError
+    from lcr_lightly.experiments.pipeline import EvaluationError, TrainingInterrupted
 
     try:
         _run(argv)
+    except TrainingInterrupted as err:  # 128 + 15: the status of a process ended by SIGTERM
+        print(f"interrupted: {err}", file=sys.stderr)
+        raise SystemExit(SIGTERM_EXIT) from None
     except ArgumentError as err:  # jsonargparse: bad flag, value or YAML key
         print(f"error: {condense(str(err))}", file=sys.stderr)
         raise SystemExit(2) from None
     except (*USER_ERRORS, EvaluationError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

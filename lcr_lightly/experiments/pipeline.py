@@ -8,7 +8,10 @@ A run writes into ``cfg.out_dir``: ``checkpoints/last.ckpt`` after every epoch (
 ``checkpoints/epochNNN.ckpt`` every ``checkpoint_every`` epochs), then ``model.pt`` (the
 weights with their config) and ``config.yaml`` as soon as training ends, then
 ``results.json``. ``run(cfg, resume=True)`` continues a killed run from ``last.ckpt``
-and ends with the same weights as an uninterrupted run (on CPU).
+and ends with the same weights as an uninterrupted run (on CPU). On SIGTERM training
+stops after the current step, saves ``checkpoints/interrupted.ckpt`` and raises
+:class:`TrainingInterrupted`; ``resume=True`` continues from whichever of the two
+checkpoints is newer.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import pytorch_lightning as pl
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -51,6 +55,7 @@ from lcr_lightly.experiments.checkpointing import (
     CheckpointError,
     ConfigInCheckpoint,
     EpochSeededLoader,
+    SigtermCheckpoint,
     read_checkpoint,
     save_model,
 )
@@ -66,10 +71,12 @@ __all__ = [
     "DataBundle",
     "EvaluationError",
     "ExperimentConfig",
+    "TrainingInterrupted",
     "evaluate",
     "fit",
     "format_table",
     "last_checkpoint",
+    "resume_checkpoint",
     "load_model",
     "localize",
     "make_backbone",
@@ -87,6 +94,18 @@ RESUME_FREE = ("out_dir", "progress", "num_workers", "accelerator", "checkpoint_
 
 class EvaluationError(RuntimeError):
     """Evaluation failed after training; the trained model is saved (message: one line)."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on SIGTERM; ``interrupted.ckpt`` holds its state (message: one line).
+
+    Attributes:
+        checkpoint: The checkpoint written at the signal.
+    """
+
+    def __init__(self, message: str, checkpoint: Path) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
 
 
 # Fraction of each training class held out when ``eval_split`` is ``"val"`` (real data).
@@ -250,6 +269,17 @@ def last_checkpoint(cfg: ExperimentConfig) -> Path:
     return Path(cfg.out_dir) / CHECKPOINT_DIR / "last.ckpt"
 
 
+def resume_checkpoint(cfg: ExperimentConfig) -> Path:
+    """The checkpoint ``--resume`` continues from.
+
+    The newer of ``last.ckpt`` and ``interrupted.ckpt`` (written on SIGTERM);
+    ``last.ckpt``'s path when neither exists.
+    """
+    last = last_checkpoint(cfg)
+    found = [p for p in (last, last.with_name(SigtermCheckpoint.FILENAME)) if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else last
+
+
 def check_steps(cfg: ExperimentConfig, data: DataBundle) -> None:
     """Refuses a batch larger than the training set (``drop_last`` would leave no step).
 
@@ -311,7 +341,11 @@ def _checkpoint_callbacks(folder: Path, every: int) -> List[pl.Callback]:
 
 
 def fit(
-    cfg: ExperimentConfig, model: pl.LightningModule, data: DataBundle, resume: bool = False
+    cfg: ExperimentConfig,
+    model: pl.LightningModule,
+    data: DataBundle,
+    resume: bool = False,
+    checkpoint: Optional[Path] = None,
 ) -> pl.LightningModule:
     """Trains a model with a Lightning Trainer (CSV log of losses and learning rate).
 
@@ -323,13 +357,16 @@ def fit(
         cfg: The experiment config.
         model: The model.
         data: The data bundle.
-        resume: Continue from ``checkpoints/last.ckpt`` (optimizer, schedule, MoCo queue,
+        resume: Continue from :func:`resume_checkpoint` (optimizer, schedule, MoCo queue,
             epoch); otherwise checkpoints of an earlier run in ``out_dir`` are deleted.
+        checkpoint: With ``resume``, continue from this file instead (e.g. an intact
+            ``epochNNN.ckpt`` beside a damaged ``last.ckpt``).
 
     Returns:
         The trained model.
 
     Raises:
+        TrainingInterrupted: On SIGTERM, after saving ``checkpoints/interrupted.ckpt``.
         ConfigError: If the batch is larger than the training set, or the checkpoint
             to resume was trained with other settings.
         CheckpointError: If the checkpoint to resume is missing or unreadable.
@@ -342,7 +379,7 @@ def fit(
     ckpt_path: Optional[Path] = None
     first_epoch = 0
     if resume:
-        ckpt_path = last_checkpoint(cfg)
+        ckpt_path = checkpoint or resume_checkpoint(cfg)
         if not ckpt_path.is_file():
             raise CheckpointError(
                 f"nothing to resume: {ckpt_path} does not exist (no epoch of a run in "
@@ -350,7 +387,7 @@ def fit(
             )
         saved = read_checkpoint(ckpt_path, training=True)
         check_resumable(cfg, ckpt_path, saved.config)
-        first_epoch = int(saved.epoch or 0) + 1  # last.ckpt is written when an epoch ends
+        first_epoch = int(saved.next_epoch or 0)
     else:
         for stale in folder.glob("*.ckpt"):  # an earlier run's: never resume those
             stale.unlink()
@@ -364,6 +401,7 @@ def fit(
             LearningRateMonitor(logging_interval="step"),
             ConfigInCheckpoint(cfg.to_dict()),
             *_checkpoint_callbacks(folder, cfg.checkpoint_every),
+            SigtermCheckpoint(folder),
         ],
         plugins=[AtomicCheckpointIO()],
         enable_progress_bar=cfg.progress,
@@ -380,7 +418,16 @@ def fit(
         drop_last=True,
         num_workers=cfg.num_workers,
     )
-    trainer.fit(model, loader, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(model, loader, ckpt_path=ckpt_path)
+    except SIGTERMException:  # a SystemExit with code 0: a job script would see success
+        saved_at = folder / SigtermCheckpoint.FILENAME
+        raise TrainingInterrupted(
+            f"training stopped by SIGTERM at epoch {trainer.current_epoch}, step "
+            f"{trainer.global_step}; its state is saved in {saved_at}. Continue with: "
+            f"lcr-lightly pretrain --out-dir {shlex.quote(str(cfg.out_dir))} --resume",
+            saved_at,
+        ) from None
     return model
 
 
@@ -458,7 +505,10 @@ def localize(features: Dict[str, Tensor], objects: Tensor, parts: Tensor) -> Dic
 
 
 def run(
-    cfg: ExperimentConfig, data: Optional[DataBundle] = None, resume: bool = False
+    cfg: ExperimentConfig,
+    data: Optional[DataBundle] = None,
+    resume: bool = False,
+    checkpoint: Optional[Path] = None,
 ) -> Dict[str, Any]:
     """Builds, trains and evaluates one configuration; writes ``results.json``.
 
@@ -468,7 +518,8 @@ def run(
     Args:
         cfg: The experiment config.
         data: A data bundle to reuse (built from ``cfg`` when None).
-        resume: Continue the run in ``cfg.out_dir`` from ``checkpoints/last.ckpt``.
+        resume: Continue the run in ``cfg.out_dir`` from :func:`resume_checkpoint`.
+        checkpoint: With ``resume``, continue from this training checkpoint instead.
 
     Returns:
         ``{"config": ..., "results": ..., "train_seconds": ..., "provenance": ...}``
@@ -482,18 +533,18 @@ def run(
     model = make_model(cfg, num_classes=None)
     start = time.time()
     if cfg.epochs > 0:
-        fit(cfg, model, data, resume=resume)
+        fit(cfg, model, data, resume=resume, checkpoint=checkpoint)
     elapsed = time.time() - start
     out_dir = save_run(cfg, model)
     try:
         results = evaluate(model, data, cfg)
     except Exception as err:
         reason = str(err).strip().splitlines()
-        checkpoint = shlex.quote(str(out_dir / "model.pt"))
+        saved_model = shlex.quote(str(out_dir / "model.pt"))
         raise EvaluationError(
             f"evaluation failed ({type(err).__name__}: {reason[0] if reason else ''}); the "
             f"trained model is saved, re-run the evaluation with: lcr-lightly evaluate "
-            f"--checkpoint {checkpoint}"
+            f"--checkpoint {saved_model}"
         ) from err
     out = {
         "config": cfg.to_dict(),

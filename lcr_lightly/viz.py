@@ -156,7 +156,7 @@ def rationale_figure(
         "image",
         "GradCAM of SSL loss\n(view 1)",
         "learned rationale A'",
-        "feature norm ||F||\n(no parameters, as norm pooling)",
+        "feature norm ||F||\n(parameter-free)",
     ),
 ) -> str:
     """Image, GradCAM of the SSL loss, learned rationale and feature norm, one row per image.
@@ -181,7 +181,7 @@ def rationale_figure(
     vis = denormalize(views[0])
     n = len(images)
     fig, axes = plt.subplots(
-        n, 4, figsize=(8.4, 2.1 * n + 0.6), squeeze=False, layout="constrained"
+        n, 4, figsize=(9.0, 2.1 * n + 0.3), squeeze=False, layout="constrained"
     )
     shown = None
     for i in range(n):
@@ -194,9 +194,10 @@ def rationale_figure(
             for ax in axes[i, [0, 2, 3]]:
                 ax.contour(part_masks[i].numpy(), levels=[0.5], colors="cyan", linewidths=1.0)
     assert shown is not None
-    bar = fig.colorbar(shown, ax=axes[:, 1:], location="bottom", shrink=0.6, aspect=40)
-    bar.set_label("map value, per image: GradCAM / max; A' and ||F|| min-max" + (
-        " (cyan: part masks)" if part_masks is not None else ""), fontsize=8)  # fmt: skip
+    bar = fig.colorbar(shown, ax=axes[:, 1:], location="right", shrink=min(0.9, 2.5 / n))
+    bar.set_label("map value per image (GradCAM / max; A', ||F|| min-max)", fontsize=8)
+    if part_masks is not None:
+        axes[0, 0].set_title(f"{titles[0]} (cyan: parts)", fontsize=9)
     bar.ax.tick_params(labelsize=7)
     fig.savefig(out_path, dpi=120)
     plt.close(fig)

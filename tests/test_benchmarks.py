@@ -56,7 +56,7 @@ def test_paper_tables_on_cub_layout_export(tmp_path, table, config, extra):
             "--table",
             str(table),
             "--config",
-            str(ROOT / "benchmarks/configs" / config),
+            str(ROOT / "lcr_lightly/experiments/configs" / config),
             "--out",
             str(tmp_path / "out"),
             "--set",

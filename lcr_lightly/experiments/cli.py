@@ -141,12 +141,14 @@ def build_parser() -> ArgumentParser:
     add_config_arguments(p)
     sub.add_subcommand("evaluate", p, help="Evaluate a model.pt in every pooling mode.")
 
-    p = _config_parser("Figure: image, GradCAM of SSL loss, rationale.")
+    p = _config_parser("Figure: image, GradCAM of the SSL loss, rationale, feature norm.")
     p.add_argument("--checkpoint", type=str, required=True, help="model.pt or .ckpt file")
     p.add_argument("--out", type=str, default="fig.png", help="figure file (.png)")
     p.add_argument("--n", type=PositiveInt, default=6, help="images in the figure")
     add_config_arguments(p)
-    sub.add_subcommand("visualize", p, help="Figure: image, GradCAM of SSL loss, rationale.")
+    sub.add_subcommand(
+        "visualize", p, help="Figure: image, GradCAM of the SSL loss, rationale, feature norm."
+    )
 
     p = _parser(description="Pretrain a small backbone on the generic synthetic set.")
     p.add_argument("--out", type=str, required=True)

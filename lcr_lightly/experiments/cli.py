@@ -75,7 +75,7 @@ def _parser(description: Optional[str] = None, **kwargs: Any) -> ArgumentParser:
         allow_abbrev=False,
         print_config=None,
         formatter_class=HelpFormatter,
-        description=textwrap.fill(description, 79) if description else None,
+        description=textwrap.fill(description, 79, break_on_hyphens=False) if description else None,
         **kwargs,
     )
 

@@ -136,7 +136,8 @@ def test_shipped_configs_by_name_outside_the_repository(tmp_path, monkeypatch):
     assert (cfg.backbone, cfg.weights, cfg.epochs) == ("efficientnet_lite0", "imagenet", 3)
     assert len(list(SHIPPED_CONFIGS.glob("*.yaml"))) >= 6
     package_data = (ROOT / "pyproject.toml").read_text().split("[tool.setuptools.package-data]")
-    assert '"experiments/configs/*.yaml"' in package_data[1].split("[")[0]  # in the wheel
+    listed = package_data[1].strip().splitlines()[0]  # lcr_lightly = [...]
+    assert listed.startswith("lcr_lightly = [") and '"experiments/configs/*.yaml"' in listed
 
 
 def test_config_file_errors_name_the_file(tmp_path, capsys):

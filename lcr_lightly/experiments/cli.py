@@ -1,13 +1,18 @@
 """Command-line interface: ``lcr-lightly {demo,pretrain,evaluate,visualize,init,export-synthetic}``.
 
 Every experiment flag is a field of :class:`~lcr_lightly.experiments.pipeline.ExperimentConfig`,
-typed and parsed by jsonargparse; ``--config file.yaml`` loads fields from YAML and
-flags after it override them. ``evaluate``/``visualize`` start from the config stored in
-the checkpoint and ``pretrain --resume`` from the one in ``checkpoints/last.ckpt``, so
-only what should change needs a flag. ``--print-config`` prints the effective config.
+typed and parsed by jsonargparse, with one line of ``--help`` each (the config's field
+docstrings); ``--config file.yaml`` (or a shipped config's name, ``--config
+imagenet_synthetic``) loads fields from YAML and flags after it override them.
+``evaluate``/``visualize`` start from the config stored in the checkpoint and ``pretrain
+--resume`` from the one in its checkpoint, so only what should change needs a flag.
+``--print-config`` prints the effective config.
 
-A user error (bad value, unknown key, missing data or file, unreadable checkpoint, a
-failed evaluation after training) prints one ``error: ...`` line and exits with code 2.
+A user error (bad value, unknown key, missing data or file, an undecodable image,
+unreadable checkpoint, a missing optional extra, a failed evaluation after training)
+prints one ``error: ...`` line and exits with code 2. A ``pretrain`` stopped by SIGTERM
+saves ``checkpoints/interrupted.ckpt``, prints the ``--resume`` command and exits with
+code 143.
 """
 
 from __future__ import annotations

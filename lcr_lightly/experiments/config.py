@@ -99,10 +99,12 @@ class LCRConfig:
 
     Every field but ``lcr`` and ``official_loss`` is named after the argument it sets: of
     :class:`~lcr_lightly.losses.GradCAMFitLoss` (``tau``, ``target``, ``head``,
-    ``direction``, ``detach_target``, ``reduction``) or of
+    ``direction``, ``detach_target``, ``reduction``, ``softmax``) or of
     :func:`~lcr_lightly.with_common_rationale` / :class:`~lcr_lightly.CommonRationale`
     (the rest), so :meth:`loss` and :meth:`wrapper_kwargs` pass them on by name.
-    ``official_loss`` replaces the loss fields by ``GradCAMFitLoss.official()``.
+    ``official_loss`` replaces the loss fields by ``GradCAMFitLoss.official(script)``:
+    ``"byol"`` (``true`` means the same, as in configs written before the MoCo preset)
+    or ``"moco"``; ``false`` uses the fields.
 
     Attributes:
         lcr: Add the LCR head and its KL loss (false: the plain SSL baseline).
@@ -114,7 +116,9 @@ class LCRConfig:
         direction: KL direction: forward KL(G||A) (official code) or reverse KL(A||G) (paper).
         detach_target: Stop the gradient through the GradCAM target.
         reduction: KL reduction over the batch: batchmean or sum (official code).
-        official_loss: Use the official code's loss (overrides the five loss options).
+        softmax: Softmax over the whole map, or over each row (official MoCo script).
+        official_loss: An official script's loss, byol (or true) or moco, instead of the
+            loss options; false uses them.
         detach_features: Train the head on detached feature maps.
         gradcam_mode: GradCAM per position (elementwise) or with channel weights (channel).
         views: Fit the head on all views or the first view only (official code).
@@ -132,7 +136,8 @@ class LCRConfig:
     direction: Literal["forward", "reverse"] = "forward"
     detach_target: bool = True
     reduction: Literal["batchmean", "sum"] = "batchmean"
-    official_loss: bool = False
+    softmax: Literal["map", "rows"] = "map"
+    official_loss: Union[bool, Literal["byol", "moco"]] = False
     detach_features: bool = False
     gradcam_mode: Literal["elementwise", "channel"] = "elementwise"
     views: Literal["all", "first"] = "all"
@@ -143,7 +148,8 @@ class LCRConfig:
     def loss(self) -> GradCAMFitLoss:
         """The configured GradCAMFitLoss."""
         if self.official_loss:
-            return GradCAMFitLoss.official()
+            script = "byol" if self.official_loss is True else str(self.official_loss)
+            return GradCAMFitLoss.official(script)
         return GradCAMFitLoss(**{name: getattr(self, name) for name in LOSS_FIELDS})
 
     def wrapper_kwargs(self) -> Dict[str, Any]:
@@ -172,11 +178,16 @@ class ExperimentConfig(LCRConfig):
     ``TypeError`` naming the closest field. ``eval_split: val`` evaluates on the
     synthetic set's own ``val`` split, or for real data on 10 % of each training class
     held out of SSL training too, for choosing recipes without touching the test split.
+    ``label_fractions`` lists the fractions of the training labels (stratified, seeded
+    with ``data_seed``) that linear probes are trained on besides all of them (the
+    paper's Table 2: 1.0 0.5 0.2).
 
     Attributes:
         method: Self-supervised method.
         backbone: small_resnet, a torchvision ResNet name (resnet50) or a timm model name.
         widths: Stage widths of small_resnet (4 values).
+        stem_pool: Keep a ResNet backbone's stem max-pool (false: the official BYOL
+            backbone, a 14x14 last map at 224 px).
         weights: Initial backbone weights: null (random), imagenet (EfficientNet-Lite0,
             extra [imagenet]), generic_init (the shipped synthetic init of small_resnet
             16 32 64 128) or a local state-dict file.
@@ -202,6 +213,7 @@ class ExperimentConfig(LCRConfig):
         accelerator: Lightning accelerator.
         out_dir: Run folder (checkpoints, model.pt, config.yaml, results.json, logs).
         progress: Show progress (a bar on a terminal, periodic lines in a log file).
+        label_fractions: Fractions of the training labels linear probes also train on.
         checkpoint_every: Keep checkpoints/epochNNN.ckpt every N epochs (0: last.ckpt only).
     """
 
@@ -211,6 +223,7 @@ class ExperimentConfig(LCRConfig):
     backbone: str = "small_resnet"
     widths: List[PositiveInt] = field(default_factory=lambda: [16, 32, 64, 128])
     weights: Optional[str] = None
+    stem_pool: bool = True
     # data
     dataset: Literal["synthetic", "cub", "cars", "aircraft", "cifar100", "imagefolder"] = (
         "synthetic"
@@ -221,6 +234,7 @@ class ExperimentConfig(LCRConfig):
     images_per_class: PositiveInt = 40
     test_images_per_class: PositiveInt = 20
     eval_split: Literal["test", "val"] = "test"
+    label_fractions: List[ScaleFloat] = field(default_factory=lambda: [1.0])
     data_seed: Seed = 0
     min_scale: ScaleFloat = 0.2
     # optimisation

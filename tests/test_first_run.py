@@ -293,3 +293,22 @@ def test_unknown_python_options_name_the_closest():
         attach(ToySiamese().backbone, nonfinte="skip")
     with pytest.raises(TypeError, match="unknown option 'epohcs'; did you mean 'epochs'"):
         ExperimentConfig(epohcs=3)
+
+
+def test_log_progress_prints_each_step_once_with_a_falling_eta():
+    import io
+    import re
+
+    from lcr_lightly.experiments.progress import LogProgress, format_duration
+    from tests.conftest import ToySiamese, loader, quiet_trainer
+
+    stream = io.StringIO()
+    bar = LogProgress(batch_size=8, every_s=0.0, stream=stream)
+    trainer = quiet_trainer(max_steps=-1, max_epochs=2, enable_progress_bar=True, callbacks=[bar])
+    trainer.fit(ToySiamese(), loader(n=16, batch_size=8))
+    lines = stream.getvalue().splitlines()
+    steps = [re.match(r"epoch (\d)/2  step (\d)/2  [\d.]+ images/s  ETA (\d+)s$", x) for x in lines]
+    assert all(steps), lines
+    assert [m.group(1, 2) for m in steps] == [("1", "1"), ("1", "2"), ("2", "1"), ("2", "2")]
+    assert steps[-1].group(3) == "0"  # no duplicate line at an epoch's end
+    assert [format_duration(s) for s in (7.4, 192, 3723)] == ["7s", "3m12s", "1h02m"]

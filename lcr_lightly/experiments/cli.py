@@ -360,6 +360,7 @@ def one_line(err: BaseException) -> str:
 
 def _cmd_demo(args: Namespace) -> None:
     from lcr_lightly.experiments.demo import run_demo
+    from lcr_lightly.experiments.pipeline import TrainingInterrupted
     from lcr_lightly.models.pretrained import imagenet_weights_file
 
     imagenet_weights_file("efficientnet_lite0")  # no extra, no demo: say so before any work
@@ -367,7 +368,14 @@ def _cmd_demo(args: Namespace) -> None:
     overrides = {}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
-    run_demo(out_dir=args.out, progress=not args.no_progress, **overrides)
+    try:
+        run_demo(out_dir=args.out, progress=not args.no_progress, **overrides)
+    except TrainingInterrupted as err:  # the demo has no --resume: it starts over
+        raise TrainingInterrupted(
+            f"the demo was stopped by SIGTERM; run lcr-lightly demo --out {args.out} again to "
+            "start over",
+            err.checkpoint,
+        ) from None
 
 
 def _cmd_pretrain(args: Namespace, cfg: ExperimentConfig) -> None:

@@ -56,6 +56,7 @@ class LogProgress(ProgressBar):
         self.enabled = True
         self.start = self.last = 0.0
         self.first_step = 0
+        self.printed_step = -1  # the global step of the last line
 
     def disable(self) -> None:
         """Stops printing (Lightning calls this on non-zero ranks)."""
@@ -83,8 +84,9 @@ class LogProgress(ProgressBar):
             self.report(trainer, batch_idx + 1)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Prints the epoch's last line."""
-        self.report(trainer, int(self.total_train_batches))
+        """Prints the epoch's last line (unless its last step printed one already)."""
+        if trainer.global_step != self.printed_step:
+            self.report(trainer, int(self.total_train_batches))
 
     def line(self, trainer: pl.Trainer, step_in_epoch: int) -> str:
         """The progress line after ``step_in_epoch`` steps of the current epoch."""
@@ -108,6 +110,7 @@ class LogProgress(ProgressBar):
     def report(self, trainer: pl.Trainer, step_in_epoch: int) -> None:
         """Prints :meth:`line` (rank zero only)."""
         self.last = time.monotonic()
+        self.printed_step = trainer.global_step
         if self.enabled and trainer.is_global_zero:
             print(self.line(trainer, step_in_epoch), file=self.stream or sys.stdout, flush=True)
 

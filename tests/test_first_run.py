@@ -230,6 +230,12 @@ def test_load_model_from_a_run(tmp_path, capsys):
         assert own.keys() == stored.keys()
         assert all(torch.equal(own[k], stored[k]) for k in own)
         assert model(images).shape == (2, 16)
+    # the README's snippet, on this run
+    text = (ROOT / "README.md").read_text()
+    block = text.split("comes back with its config in one call:\n\n```python\n")[1].split("```")[0]
+    namespace: dict = {}
+    exec(block.replace("runs/a/model.pt", str(out / "model.pt")), namespace)
+    assert namespace["features"].shape == (2, 16)
     plain = tmp_path / "plain.pt"
     torch.save(model.state_dict(), plain)
     with pytest.raises(CheckpointError, match="holds no lcr-lightly config"):

@@ -17,8 +17,11 @@ Rows, over paired seeds:
   (``stem_pool: false``) does not apply to it.
 
 Per seed the study file holds ``{PROTOCOL_POOLING: metrics}`` with PROTOCOL ``budget``,
-``val`` or ``official`` and POOLING ``gap``, ``rationale`` or ``norm`` (feature-norm
-pooling), which ``results_tables.py`` turns into RESULTS.md's tables.
+``val`` or ``official`` (test-split metrics under each protocol) or ``valsplit`` (the
+validation split's retrieval at the fixed budget, on which defaults are decided) and
+POOLING ``gap``, ``rationale`` or ``norm`` (feature-norm pooling), which
+``results_tables.py`` turns into RESULTS.md's tables. Finished runs are reused, so the same
+command after a kill continues where it stopped.
 
     python benchmarks/official_study.py --methods mocov2 --seeds 0 1 2
 """
@@ -66,12 +69,19 @@ VARIANTS: Dict[str, Dict[str, Dict[str, Any]]] = {
 
 
 def flatten(result: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
-    """``{protocol: {pooling: metrics}}`` as ``{PROTOCOL_POOLING: metrics}``."""
-    return {
+    """``{protocol: {pooling: metrics}}`` as ``{PROTOCOL_POOLING: metrics}``.
+
+    Adds ``valsplit_POOLING``: the validation split's retrieval at the fixed budget (what
+    defaults are decided on).
+    """
+    out = {
         f"{PROTOCOL_KEYS[name]}_{pooling}": metrics
         for name, poolings in result["protocols"].items()
         for pooling, metrics in poolings.items()
     }
+    for pooling, metrics in result["epochs"][-1]["val"].items():
+        out[f"valsplit_{pooling}"] = metrics
+    return out
 
 
 def finished(cfg: ExperimentConfig) -> Any:

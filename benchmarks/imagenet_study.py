@@ -1,7 +1,7 @@
 """LCR from an ImageNet-trained backbone: recipe chosen on validation, then seeds on test.
 
 EfficientNet-Lite0 with real ImageNet weights (``weights: imagenet``), the synthetic
-fine-grained set at 128 px (``benchmarks/configs/imagenet_synthetic.yaml``), CPU.
+fine-grained set at 128 px (``lcr_lightly/experiments/configs/imagenet_synthetic.yaml``), CPU.
 
 1. Recipe, on the synthetic set's **validation** split (seed 0): every (base lr, momentum
    encoder EMA) pair of the grid, for the baseline and for LCR alike. Each method keeps the
@@ -26,7 +26,9 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 from synthetic_ablation import base_config, run_study
 
-CONFIG = Path("benchmarks/configs/imagenet_synthetic.yaml")
+from lcr_lightly.experiments.config import config_path
+
+CONFIG = Path(config_path("imagenet_synthetic"))
 LRS = (0.003, 0.03, 0.3)
 MOMENTA = (0.99, 0.999)
 # (pooling, metric) each method is judged by on validation, as in the paper's tables.

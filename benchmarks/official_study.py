@@ -1,7 +1,7 @@
 """The official recipes against this library's defaults, under both evaluation protocols.
 
 From real ImageNet weights (EfficientNet-Lite0) at 224 px (a 7x7 last map, as the paper's
-ResNet-50), on the synthetic fine-grained set (``benchmarks/configs/official_study.yaml``),
+ResNet-50), on the synthetic fine-grained set (the shipped config ``official_study``),
 CPU. Each run trains once, keeps every epoch and is scored by
 :func:`lcr_lightly.experiments.protocol.run_protocols`: the honest protocol (the fixed
 budget, and the epoch chosen on the validation split) and, labelled, the official scripts'
@@ -38,11 +38,11 @@ from typing import Any, Dict, List, Sequence
 import yaml
 
 from lcr_lightly.experiments.atomic import atomic_write
-from lcr_lightly.experiments.config import ExperimentConfig
+from lcr_lightly.experiments.config import ExperimentConfig, config_path
 from lcr_lightly.experiments.protocol import run_protocols
 from lcr_lightly.experiments.provenance import provenance
 
-CONFIG = Path("benchmarks/configs/official_study.yaml")
+CONFIG = Path(config_path("official_study"))
 # The names the study file gives each protocol of protocol.summarize.
 PROTOCOL_KEYS = {"fixed_budget": "budget", "val_selected": "val", "official": "official"}
 

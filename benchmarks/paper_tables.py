@@ -16,9 +16,8 @@ pooling.
   metric's best epoch on the test split (optimistic). ``official`` prints only the latter.
 
     python benchmarks/paper_tables.py --table 2 \
-        --config benchmarks/configs/table2_mocov2_cub_official.yaml --protocol both
-    python benchmarks/paper_tables.py --table 3 \
-        --config benchmarks/configs/table3_byol_cub_bs128_official.yaml
+        --config table2_mocov2_cub_official --protocol both
+    python benchmarks/paper_tables.py --table 3 --config table3_byol_cub_bs128_official
 
 Any config field can be overridden with ``--set key=value`` (e.g. a tiny budget on the
 synthetic CUB-layout export: ``--set epochs=1 backbone=small_resnet weights=null``).
@@ -39,6 +38,7 @@ import yaml
 from lcr_lightly.data import DatasetNotFoundError
 from lcr_lightly.experiments.atomic import atomic_write
 from lcr_lightly.experiments.checkpointing import CheckpointError
+from lcr_lightly.experiments.config import config_path
 from lcr_lightly.experiments.pipeline import (
     ConfigError,
     EvaluationError,
@@ -93,7 +93,12 @@ def header(key: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--table", type=int, choices=[2, 3], required=True)
-    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument(
+        "--config",
+        type=lambda v: Path(config_path(v)),
+        required=True,
+        help="a YAML file or a shipped config's name (table2_mocov2_cub, ...)",
+    )
     parser.add_argument("--set", nargs="*", default=[], help="key=value overrides")
     parser.add_argument("--out", type=Path, default=Path("outputs/paper"))
     parser.add_argument("--protocol", choices=sorted(SHOWN), default="honest")

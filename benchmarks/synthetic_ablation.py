@@ -21,8 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from lcr_lightly.experiments.config import LCR_FIELDS
-from lcr_lightly.experiments.generic_init import ensure_init
+from lcr_lightly.experiments.config import LCR_FIELDS, config_path
 from lcr_lightly.experiments.pipeline import ExperimentConfig, make_data, mean_std, run
 from lcr_lightly.experiments.provenance import provenance
 
@@ -72,7 +71,7 @@ STUDIES: Dict[str, Dict[str, Dict[str, Any]]] = {
     },
 }
 
-SYNTHETIC_INIT = Path(__file__).parent / "configs" / "synthetic_init.yaml"
+SYNTHETIC_INIT = Path(config_path("synthetic_init"))
 METRICS = ("rank1", "rank5", "mAP", "knn", "linear")
 # Config fields that do not change what a run computes.
 _NOT_IN_KEY = ("out_dir", "progress")
@@ -204,16 +203,13 @@ def paired_table(rows: Dict[str, Dict[str, Dict[str, List[float]]]], pairs: Dict
 
 
 def base_config(config: Optional[Path] = None, sets: Sequence[str] = ()) -> ExperimentConfig:
-    """The studies' base: ``configs/synthetic_init.yaml``, a YAML file, ``key=value`` pairs."""
+    """The studies' base: the shipped ``synthetic_init`` config, a YAML file, ``key=value``s."""
     values = yaml.safe_load(SYNTHETIC_INIT.read_text())
     base = ExperimentConfig(**values, out_dir="outputs/ablation", progress=False)
     if config is not None:
         base = replace(base, **yaml.safe_load(config.read_text()))
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in sets)}
-    base = replace(base, **overrides)
-    if base.weights is None and "weights" not in overrides:  # the synthetic generic-set init
-        base = replace(base, weights=ensure_init(None, Path("outputs"), progress=False))
-    return base
+    return replace(base, **overrides)
 
 
 def run_study(

@@ -4,7 +4,11 @@ Example:
     >>> from lcr_lightly import with_common_rationale
     >>> from lcr_lightly.models import MoCoV2
     >>> model = with_common_rationale(MoCoV2(backbone="resnet18", batch_size=32), k=32)
+    >>> from lcr_lightly import load_model
+    >>> trained = load_model("runs/a/model.pt")  # a run of lcr-lightly pretrain
 """
+
+from typing import TYPE_CHECKING, Any
 
 from lcr_lightly.capture import FeatureCapture
 from lcr_lightly.gradcam import gradcam
@@ -23,6 +27,9 @@ from lcr_lightly.rationale import CommonRationale, StepRecord, attach
 from lcr_lightly.tokens import tokens_to_map
 from lcr_lightly.wrap import release, set_pooling, with_common_rationale
 
+if TYPE_CHECKING:
+    from lcr_lightly.experiments.loading import load_model
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -38,6 +45,7 @@ __all__ = [
     "find_feature_path",
     "find_global_pool",
     "gradcam",
+    "load_model",
     "minmax_normalize",
     "norm_pool",
     "release",
@@ -48,3 +56,12 @@ __all__ = [
     "weighted_average_pool",
     "with_common_rationale",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``load_model`` is imported on first use: it needs the whole experiment runner."""
+    if name == "load_model":
+        from lcr_lightly.experiments.loading import load_model
+
+        return load_model
+    raise AttributeError(f"module 'lcr_lightly' has no attribute {name!r}")

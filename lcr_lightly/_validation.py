@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
-from typing import Any, Sequence, Union
+from typing import Any, Iterable, Sequence, Union
 
 import numpy as np
 import torch
@@ -23,6 +24,26 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     """
     if value not in choices:
         raise ValueError(f"Unknown {name}={value!r}; expected one of {choices}.")
+
+
+def check_options(where: str, options: Iterable[str], known: Sequence[str]) -> None:
+    """Raises for an unknown keyword option, naming the closest known one.
+
+    Args:
+        where: The function, for the message (``"attach"``).
+        options: The keyword names given.
+        known: The accepted names.
+
+    Raises:
+        TypeError: For the first unknown name (``did you mean 'nonfinite'?``).
+    """
+    for name in options:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = (
+                f"; did you mean {close[0]!r}?" if close else f"; expected one of {sorted(known)}"
+            )
+            raise TypeError(f"{where}() got an unknown option {name!r}{hint}")
 
 
 def check_positive_int(name: str, value: Any) -> int:

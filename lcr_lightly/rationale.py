@@ -11,6 +11,7 @@ LightningModule.
 
 from __future__ import annotations
 
+import inspect
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any, List, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from lcr_lightly._validation import check_choice, check_real
+from lcr_lightly._validation import check_choice, check_options, check_real
 from lcr_lightly.capture import FeatureCapture, Reshape
 from lcr_lightly.gradcam import GRADCAM_MODES, gradcam
 from lcr_lightly.heads import CommonRationaleHead
@@ -496,6 +497,10 @@ def _feature_path(
     return path
 
 
+# The keyword options of CommonRationale, which attach and with_common_rationale pass on.
+OPTIONS = tuple(p for p in inspect.signature(CommonRationale.__init__).parameters if p != "self")
+
+
 def attach(
     backbone: nn.Module,
     k: int = 32,
@@ -543,6 +548,7 @@ def attach(
             pool consumes (functional or max pooling, a 1x1 map; the message lists the
             candidates), or ``in_channels`` that disagree with the map.
     """
+    check_options("attach", options, OPTIONS)
     path = _feature_path(backbone, layer, pool, reshape, in_channels)
     module = CommonRationale.from_path(path, k=k, loss=loss, reshape=reshape, **options)
     _to_backbone(module, backbone)

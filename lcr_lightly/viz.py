@@ -1,7 +1,7 @@
 """Figures (matplotlib).
 
-GradCAM of the SSL loss beside the learned rationale, the K projection maps ranked by
-variance, and samples of the synthetic set with their masks.
+GradCAM of the SSL loss beside the learned rationale and the feature norm, the K
+projection maps ranked by variance, and samples of the synthetic set with their masks.
 """
 
 from __future__ import annotations
@@ -97,13 +97,53 @@ def rationale_maps(model: nn.Module, images: Tensor) -> Dict[str, Tensor]:
     return out
 
 
-def _overlay(ax: Any, image: np.ndarray, heat: Optional[Tensor], title: str) -> None:
-    ax.imshow(image)
-    if heat is not None:
+# Maps are drawn in a perceptual colormap over a desaturated, dimmed image, so that the
+# colours are the map's alone and equal steps of the map look like equal steps of colour.
+COLORMAP = "inferno"
+MAP_ALPHA = 0.65
+
+
+def desaturate(image: np.ndarray, dim: float = 0.6) -> np.ndarray:
+    """An (H, W, 3) image in [0, 1] as dimmed grey (Rec. 601 luma times ``dim``), RGB."""
+    luma = image @ np.array([0.299, 0.587, 0.114])
+    return np.repeat((dim * luma)[..., None], 3, axis=-1)
+
+
+def _overlay(ax: Any, image: np.ndarray, heat: Optional[Tensor], title: str) -> Any:
+    """Draws the image, or a [0, 1] map over its desaturated image (returns the map)."""
+    shown = None
+    if heat is None:
+        ax.imshow(image)
+    else:
+        ax.imshow(desaturate(image))
         up = F.interpolate(heat[None, None].float(), size=image.shape[:2], mode="bilinear")
-        ax.imshow(up[0, 0].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
-    ax.set_title(title, fontsize=8)
+        shown = ax.imshow(up[0, 0].numpy(), cmap=COLORMAP, alpha=MAP_ALPHA, vmin=0, vmax=1)
+    ax.set_title(title, fontsize=9)
     ax.axis("off")
+    return shown
+
+
+def figure_maps(model: nn.Module, images: Tensor, views: Sequence[Tensor]) -> Dict[str, Tensor]:
+    """The three maps of :func:`rationale_figure`, each in [0, 1] per image.
+
+    Args:
+        model: A wrapped SSL model.
+        images: (B, 3, H, W) normalised images.
+        views: Augmented views of the same images for the SSL loss.
+
+    Returns:
+        ``{"gradcam": ..., "rationale": ..., "norm": ...}``, each (B, h, w) in [0, 1]:
+        the GradCAM of the SSL loss on the first view divided by its maximum (the
+        loss's ``target="max"``), the learned rationale A' (min-max normalised, the
+        weights of rationale pooling) and the parameter-free feature norm ``||F||`` of
+        the same map, min-max normalised as :func:`~lcr_lightly.norm_pool` weights it.
+    """
+    maps = rationale_maps(model, images)
+    return {
+        "gradcam": ssl_gradcam(model, views).float().cpu(),  # already / its max
+        "rationale": maps["rationale"].detach().float().cpu(),
+        "norm": minmax_normalize(maps["features"].float().norm(dim=1)).cpu(),
+    }
 
 
 def rationale_figure(
@@ -112,9 +152,18 @@ def rationale_figure(
     views: Sequence[Tensor],
     out_path: str,
     part_masks: Optional[Tensor] = None,
-    titles: Sequence[str] = ("image", "GradCAM of SSL loss", "rationale A'"),
+    titles: Sequence[str] = (
+        "image",
+        "GradCAM of SSL loss\n(view 1)",
+        "learned rationale A'",
+        "feature norm ||F||\n(parameter-free)",
+    ),
 ) -> str:
-    """Image, GradCAM of the SSL loss and the rationale map, one row per image.
+    """Image, GradCAM of the SSL loss, learned rationale and feature norm, one row per image.
+
+    The maps (:func:`figure_maps`, each in [0, 1] per image) share one scale and one
+    colour bar, in a perceptual colormap over the desaturated image; part masks, when
+    given, are outlined in every column.
 
     Args:
         model: A wrapped SSL model.
@@ -127,20 +176,29 @@ def rationale_figure(
     Returns:
         The path.
     """
-    cams = ssl_gradcam(model, views)
-    maps = rationale_maps(model, images)["rationale"]
+    maps = figure_maps(model, images, views)
     pics = denormalize(images)
     vis = denormalize(views[0])
     n = len(images)
-    fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
+    fig, axes = plt.subplots(
+        n, 4, figsize=(9.0, 2.1 * n + 0.3), squeeze=False, layout="constrained"
+    )
+    shown = None
     for i in range(n):
-        _overlay(axes[i, 0], pics[i], None, titles[0] if i == 0 else "")
-        _overlay(axes[i, 1], vis[i], cams[i], titles[1] if i == 0 else "")
-        _overlay(axes[i, 2], pics[i], maps[i], titles[2] if i == 0 else "")
+        top = i == 0
+        _overlay(axes[i, 0], pics[i], None, titles[0] if top else "")
+        shown = _overlay(axes[i, 1], vis[i], maps["gradcam"][i], titles[1] if top else "")
+        _overlay(axes[i, 2], pics[i], maps["rationale"][i], titles[2] if top else "")
+        _overlay(axes[i, 3], pics[i], maps["norm"][i], titles[3] if top else "")
         if part_masks is not None:
-            for ax in (axes[i, 0], axes[i, 2]):
-                ax.contour(part_masks[i].numpy(), levels=[0.5], colors="white", linewidths=0.8)
-    fig.tight_layout()
+            for ax in axes[i, [0, 2, 3]]:
+                ax.contour(part_masks[i].numpy(), levels=[0.5], colors="cyan", linewidths=1.0)
+    assert shown is not None
+    bar = fig.colorbar(shown, ax=axes[:, 1:], location="right", shrink=min(0.9, 2.5 / n))
+    bar.set_label("map value per image (GradCAM / max; A', ||F|| min-max)", fontsize=8)
+    if part_masks is not None:
+        axes[0, 0].set_title(f"{titles[0]} (cyan: parts)", fontsize=9)
+    bar.ax.tick_params(labelsize=7)
     fig.savefig(out_path, dpi=120)
     plt.close(fig)
     return out_path

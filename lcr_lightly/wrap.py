@@ -27,12 +27,19 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from lcr_lightly._validation import check_options
 from lcr_lightly.capture import Reshape
 from lcr_lightly.encoders import encoder_group
 from lcr_lightly.hooks import remove_hooks
 from lcr_lightly.layers import LayerSpec, resolve_layer
 from lcr_lightly.losses import GradCAMFitLoss
-from lcr_lightly.rationale import CommonRationale, FeatureSite, _feature_path, _to_backbone
+from lcr_lightly.rationale import (
+    OPTIONS,
+    CommonRationale,
+    FeatureSite,
+    _feature_path,
+    _to_backbone,
+)
 
 SUBMODULE = "common_rationale"
 
@@ -231,6 +238,7 @@ def with_common_rationale(
             map; the message lists candidates and says what to pass).
         TypeError: If the model has no ``training_step``.
     """
+    check_options("with_common_rationale", options, OPTIONS)
     if hasattr(model, SUBMODULE):
         raise ValueError(
             f"{type(model).__name__} already has a '{SUBMODULE}' submodule: it is wrapped "

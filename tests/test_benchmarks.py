@@ -71,7 +71,7 @@ def _paper_tables(tmp_path, table, config, sets, protocol=()):
             "--table",
             str(table),
             "--config",
-            str(ROOT / "benchmarks/configs" / config),
+            str(ROOT / "lcr_lightly/experiments/configs" / config),
             "--out",
             str(tmp_path / "out"),
             *protocol,

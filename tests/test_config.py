@@ -140,7 +140,7 @@ def test_literal_choices_match_the_library():
         assert get_args(hints[name]) == tuple(choices), name
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "benchmarks/configs").glob("*.yaml")))
+@pytest.mark.parametrize("path", sorted((ROOT / "lcr_lightly/experiments/configs").glob("*.yaml")))
 def test_shipped_configs_load(path):
     values = yaml.safe_load(path.read_text())
     _, cfg = parse(["pretrain", "--config", str(path)])

@@ -132,4 +132,8 @@ def test_helpers():
     assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2**0.5))
     assert mean_std([0.5]) == (0.5, 0.0)
     text = format_table([("a", {"rank1": 0.5})], ["rank1", "mAP"])
-    assert "| a | 50.0 | – |" in text
+    assert text.splitlines() == [  # columns aligned as printed
+        "| run | rank1 | mAP |",
+        "|-----|------:|----:|",
+        "| a   |  50.0 |   – |",
+    ]

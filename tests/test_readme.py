@@ -20,3 +20,24 @@ def test_quick_start_snippet_runs():
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["features"].shape == (2, 512)
     assert namespace["model"].common_rationale.pooling == "gap"  # set_pooling ran last
+
+
+def test_python_snippets_import_torch_when_they_use_it():
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 4
+    for block in blocks:
+        if re.search(r"\btorch\.", block):
+            assert re.search(r"^import torch$", block, re.M), block[:200]
+
+
+def test_evaluation_snippet_runs():
+    from lcr_lightly import with_common_rationale
+    from tests.conftest import ToySiamese
+
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"## Evaluation and data\n\n```python\n(.*?)```", text, re.S).group(1)
+    torch.manual_seed(0)
+    namespace = {"model": with_common_rationale(ToySiamese(), k=4).eval()}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["feats"]["rationale"].shape == (200, 16)

@@ -107,7 +107,7 @@ def test_model_is_saved_before_a_failing_evaluation(tmp_path, capsys):
     out = tmp_path / "run"
     flags = [*TINY_FLAGS, "--dataset", "cub", "--data-root", str(root), "--epochs", "1"]
     err = user_error(capsys, ["pretrain", *flags, "--out-dir", str(out)])
-    assert f"evaluation failed (OSError: Cannot read image {test_image}" in err
+    assert f"evaluation failed (UnreadableImageError: unreadable image {test_image}" in err
     assert not (out / "results.json").exists()
     saved = read_checkpoint(out / "model.pt")
     assert saved.config["dataset"] == "cub" and saved.config["epochs"] == 1

@@ -57,3 +57,31 @@ def test_figures_and_pruning(tmp_path):
     ds = SyntheticFineGrained(num_classes=3, images_per_class=1, image_size=32)
     synthetic_grid(ds, str(tmp_path / "g.png"), classes=3)
     assert (tmp_path / "g.png").exists()
+
+
+def test_figure_maps_share_one_scale_and_include_the_feature_norm(tmp_path):
+    from lcr_lightly.viz import figure_maps
+
+    torch.manual_seed(0)
+    model = with_common_rationale(ToySiamese(), k=4)
+    views, _ = two_view_batch(3)
+    images = views[0]
+    maps = figure_maps(model, images, views)
+    # independent: layer4's output in eval mode, its L2 norm over channels, / per-image max
+    outputs = []
+    hook = model.backbone.layer4.register_forward_hook(lambda m, a, out: outputs.append(out))
+    model.eval()
+    with torch.no_grad():
+        model.backbone(images)
+    hook.remove()
+    norm = outputs[0].norm(dim=1).flatten(1)
+    low, high = norm.amin(1, keepdim=True), norm.amax(1, keepdim=True)
+    torch.testing.assert_close(maps["norm"].flatten(1), (norm - low) / (high - low))
+    for name in ("gradcam", "rationale", "norm"):  # one [0, 1] scale, each peaks at 1
+        torch.testing.assert_close(maps[name].flatten(1).amax(1), torch.ones(3))
+        assert maps[name].min() >= 0
+    path = tmp_path / "f.png"
+    rationale_figure(model, images, views, str(path), part_masks=torch.zeros(3, 32, 32))
+    from PIL import Image
+
+    assert Image.open(path).size[0] >= 1000  # four columns at 120 dpi

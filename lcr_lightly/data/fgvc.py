@@ -14,6 +14,12 @@ any ImageFolder           (argument)              ``<class>/<image>`` folders
 ========================  ======================  ==========================================
 
 ``LCR_DATA_ROOT`` is a common fallback: ``$LCR_DATA_ROOT/CUB_200_2011`` and so on.
+
+An image file that cannot be decoded (truncated, empty, not an image) stops training or
+evaluation with :class:`UnreadableImageError` naming the file, in every loader that reads
+files (CUB, Stanford Cars, FGVC-Aircraft, ImageFolder); it is never skipped, because a
+skipped image silently changes the data set and every number computed on it. CIFAR-100
+has no image files: an unreadable archive is refused when the data set is built.
 """
 
 from __future__ import annotations
@@ -37,6 +43,32 @@ _D = TypeVar("_D", bound=Dataset)
 
 class DatasetNotFoundError(FileNotFoundError):
     """A data set root is missing or does not have the expected files."""
+
+
+class UnreadableImageError(DatasetNotFoundError):
+    """An image file of a data set cannot be decoded (message: one line naming it)."""
+
+
+def read_image(path: PathLike) -> Image.Image:
+    """Reads an image file as RGB, naming the file if it cannot be decoded.
+
+    Args:
+        path: The image file.
+
+    Returns:
+        The decoded RGB image.
+
+    Raises:
+        UnreadableImageError: If the file is missing, truncated or not an image.
+    """
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except OSError as err:  # includes PIL's UnidentifiedImageError and truncated files
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise UnreadableImageError(
+            f"unreadable image {path} ({reason}); replace or remove the file"
+        ) from None
 
 
 _DEFAULT_DIRS = {
@@ -113,7 +145,7 @@ class CUB200(Dataset):
         root: The ``CUB_200_2011`` folder; ``$LCR_CUB_ROOT`` when None.
         split: ``"train"``, ``"test"`` or ``"all"``.
         transform: Applied to the PIL image.
-        loader: Image loader (PIL RGB by default).
+        loader: Image loader (:func:`read_image` by default).
 
     Attributes:
         targets: 0-based labels of the split.
@@ -133,7 +165,7 @@ class CUB200(Dataset):
             raise ValueError(f"Unknown split {split!r}; expected 'train', 'test' or 'all'.")
         self.root = resolve_root(root, "LCR_CUB_ROOT", self.name)
         self.transform = transform
-        self.loader = loader or _pil_loader
+        self.loader = loader or read_image
         r = self.root
         images = _read_table(_require(r / "images.txt", "images.txt", self.name), self.name, 2)
         labels = dict(
@@ -294,14 +326,6 @@ class CUBLocalization(Dataset):
         return self.transform(image), label, obj, part
 
 
-def _pil_loader(path: str) -> Image.Image:
-    try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except OSError as err:  # includes PIL's UnidentifiedImageError and truncated files
-        raise OSError(f"Cannot read image {path}: {err}") from err
-
-
 def _torchvision(factory: Callable[[], _D], name: str, root: Path, layout: str) -> _D:
     try:
         return factory()
@@ -310,6 +334,23 @@ def _torchvision(factory: Callable[[], _D], name: str, root: Path, layout: str) 
             f"{name} not found or incomplete under {root}: expected {layout}. "
             f"(torchvision said: {err}) Nothing is downloaded."
         ) from err
+
+
+class _NamedStanfordCars(datasets.StanfordCars):
+    """torchvision's Stanford Cars; an undecodable image is named (any torchvision)."""
+
+    def __getitem__(self, idx: int) -> Tuple[Any, Any]:
+        path, target = self._samples[idx]
+        image = read_image(path)
+        return (self.transform(image) if self.transform else image), target
+
+
+class _NamedFGVCAircraft(datasets.FGVCAircraft):
+    """torchvision's FGVC-Aircraft; an undecodable image is named (any torchvision)."""
+
+    def __getitem__(self, idx: int) -> Tuple[Any, Any]:
+        image = read_image(self._image_files[idx])
+        return (self.transform(image) if self.transform else image), self._labels[idx]
 
 
 def stanford_cars(
@@ -328,7 +369,7 @@ def stanford_cars(
     """
     path = resolve_root(root, "LCR_CARS_ROOT", "Stanford Cars")
     return _torchvision(
-        lambda: datasets.StanfordCars(str(path), split=split, transform=transform, download=False),
+        lambda: _NamedStanfordCars(str(path), split=split, transform=transform, download=False),
         "Stanford Cars",
         path,
         "stanford_cars/devkit/{cars_meta.mat, cars_train_annos.mat}, stanford_cars/"
@@ -351,7 +392,7 @@ def fgvc_aircraft(
     """
     path = resolve_root(root, "LCR_AIRCRAFT_ROOT", "FGVC-Aircraft")
     return _torchvision(
-        lambda: datasets.FGVCAircraft(
+        lambda: _NamedFGVCAircraft(
             str(path), split=split, annotation_level="variant", transform=transform, download=False
         ),
         "FGVC-Aircraft",
@@ -416,7 +457,7 @@ class _SharedClassesImageFolder(datasets.ImageFolder):
         self.shared_classes = [str(c) for c in classes]
         if len(set(self.shared_classes)) != len(self.shared_classes):
             raise ValueError(f"classes has duplicate names: {self.shared_classes}.")
-        super().__init__(root, transform=transform)
+        super().__init__(root, transform=transform, loader=read_image)
         self.classes = self.shared_classes
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
@@ -463,6 +504,7 @@ def image_folder(
     Raises:
         DatasetNotFoundError: If the folder does not exist or holds no images.
         ValueError: If a sub-folder is not one of ``classes``.
+        UnreadableImageError: When an item whose file cannot be decoded is read.
     """
     path = Path(root).expanduser()
     if not path.is_dir():
@@ -471,7 +513,7 @@ def image_folder(
 
     def build() -> datasets.ImageFolder:
         if shared is None:
-            return datasets.ImageFolder(str(path), transform=transform)
+            return datasets.ImageFolder(str(path), transform=transform, loader=read_image)
         return _SharedClassesImageFolder(str(path), shared, transform)
 
     return _torchvision(build, "ImageFolder", path, "one sub-folder of images per class")

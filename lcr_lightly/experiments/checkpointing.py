@@ -7,6 +7,8 @@
   checkpoint these generators.
 * :class:`ConfigInCheckpoint` stores the run's config in every checkpoint, and
   :func:`save_model` stores it in ``model.pt``: the weights and their config are one file.
+* :class:`SigtermCheckpoint` saves ``interrupted.ckpt`` when Lightning stops training on
+  SIGTERM (a scheduler's preemption), so the run can go on from the step it reached.
 * :func:`read_checkpoint` turns unreadable or foreign files into one-line
   :class:`CheckpointError` messages.
 """
@@ -21,7 +23,9 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Checkpoint as CheckpointCallback
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -113,6 +117,37 @@ class ConfigInCheckpoint(Callback):
         checkpoint[CONFIG_KEY] = dict(self.config)
 
 
+class SigtermCheckpoint(CheckpointCallback):
+    """Saves ``interrupted.ckpt`` when Lightning stops training on SIGTERM.
+
+    Lightning 2.x turns SIGTERM into a :class:`SIGTERMException` at the end of the
+    current training step and calls every callback's ``on_exception``; this one then
+    saves the full training state at that step (other exceptions write nothing). A run
+    that finishes removes the file. Lightning's own ``OnExceptionCheckpoint`` would also
+    make every ``fit`` without ``ckpt_path`` resume from the newest checkpoint it finds,
+    which a fresh run must not.
+
+    Args:
+        dirpath: The run's checkpoint folder.
+    """
+
+    FILENAME = "interrupted.ckpt"
+
+    def __init__(self, dirpath: Union[str, os.PathLike]) -> None:
+        self.path = Path(dirpath) / self.FILENAME
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Saves the checkpoint when the exception is Lightning's SIGTERM exit."""
+        if isinstance(exception, SIGTERMException):
+            trainer.save_checkpoint(self.path)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Removes the checkpoint of an earlier interruption once training has finished."""
+        trainer.strategy.remove_checkpoint(self.path)
+
+
 def save_model(
     path: Union[str, os.PathLike], state_dict: Dict[str, Tensor], config: Dict[str, Any]
 ) -> Path:
@@ -143,6 +178,9 @@ class Checkpoint(NamedTuple):
     state_dict: Dict[str, Tensor]
     config: Optional[Dict[str, Any]]  # None: no stored config (plain or older files)
     epoch: Optional[int]  # the epoch a training checkpoint was written at, else None
+    # the epoch a run resumed from it starts in: epoch + 1 after a finished epoch, epoch
+    # itself for a checkpoint written mid-epoch (on SIGTERM); None for weights-only files
+    next_epoch: Optional[int] = None
 
 
 def read_checkpoint(path: Union[str, os.PathLike], training: bool = False) -> Checkpoint:
@@ -194,4 +232,18 @@ def read_checkpoint(path: Union[str, os.PathLike], training: bool = False) -> Ch
     config = loaded.get(CONFIG_KEY, config)
     if config is not None and not isinstance(config, dict):
         raise CheckpointError(f"{prefix} (its stored config is a {type(config).__name__})")
-    return Checkpoint(state, config, epoch if isinstance(epoch, int) else None)
+    if not isinstance(epoch, int):
+        return Checkpoint(state, config, None)
+    return Checkpoint(state, config, epoch, _next_epoch(loaded, epoch))
+
+
+def _next_epoch(loaded: Dict[str, Any], epoch: int) -> int:
+    """The epoch Lightning continues in: the count of processed epochs of the fit loop."""
+    try:
+        fit_loop = loaded["loops"]["fit_loop"]
+        processed = int(fit_loop["epoch_progress"]["current"]["processed"])
+        last_batch_done = bool(fit_loop["epoch_loop.batch_progress"]["is_last_batch"])
+    except (KeyError, TypeError, ValueError):  # older or foreign loop state
+        return epoch + 1
+    # stopped after the epoch's last step but before its end hooks: that epoch is done
+    return max(processed, epoch + 1) if last_batch_done else processed

@@ -18,6 +18,7 @@ import math
 import re
 from argparse import ArgumentError
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -65,6 +66,15 @@ else:
 
 DATASETS = ("synthetic", "cub", "cars", "aircraft", "cifar100", "imagefolder")
 
+# ``weights: generic_init``: the synthetic generic-set init that ships in the package
+# (lcr_lightly/assets), for small_resnet with these widths.
+GENERIC_INIT = "generic_init"
+GENERIC_INIT_WIDTHS = (16, 32, 64, 128)
+GENERIC_INIT_FILE = Path(__file__).parent.parent / "assets" / "init_small_resnet_w16_64px.pth"
+
+# Configs that ship in the package: ``--config NAME`` loads ``configs/NAME.yaml``.
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"
+
 DESCRIPTIONS: Dict[Any, str] = {
     PositiveInt: "an integer > 0",
     NonNegativeInt: "an integer >= 0",
@@ -95,6 +105,26 @@ class LCRConfig:
     ``official_loss`` replaces the loss fields by ``GradCAMFitLoss.official(script)``:
     ``"byol"`` (``true`` means the same, as in configs written before the MoCo preset)
     or ``"moco"``; ``false`` uses the fields.
+
+    Attributes:
+        lcr: Add the LCR head and its KL loss (false: the plain SSL baseline).
+        k: Number of 1x1 projections of the head (the paper's K).
+        weight: Weight of the KL term in the training loss (the paper's nu).
+        tau: Softmax temperature of the KL between GradCAM and head maps.
+        target: GradCAM target: raw, or max (each map divided by its maximum).
+        head: Head map in the KL: raw, or minmax (min-max normalised over the batch).
+        direction: KL direction: forward KL(G||A) (official code) or reverse KL(A||G) (paper).
+        detach_target: Stop the gradient through the GradCAM target.
+        reduction: KL reduction over the batch: batchmean or sum (official code).
+        softmax: Softmax over the whole map, or over each row (official MoCo script).
+        official_loss: An official script's loss, byol (or true) or moco, instead of the
+            loss options; false uses them.
+        detach_features: Train the head on detached feature maps.
+        gradcam_mode: GradCAM per position (elementwise) or with channel weights (channel).
+        views: Fit the head on all views or the first view only (official code).
+        pool_in_training: Pool with the rationale in training too (default: eval only).
+        normalize: Inference normalisation of the rationale: per image, or per batch.
+        head_hidden: Hidden width of an MLP head instead of the 1x1 conv (null: conv).
     """
 
     lcr: bool = True
@@ -139,22 +169,52 @@ LOSS_FIELDS = tuple(
 class ExperimentConfig(LCRConfig):
     """Everything that defines one pretraining + evaluation run.
 
-    Attributes mirror the CLI flags (``--epochs 20`` sets ``epochs``). The defaults are
-    the CPU demo's; ``benchmarks/configs/*.yaml`` hold the paper's settings. Values are
-    checked (and YAML strings such as ``"3e-2"`` or ``"false"`` converted) on
-    construction; a bad value raises :class:`ConfigError` naming the field.
-    ``epochs: 0`` evaluates the initialisation only. ``eval_split: val`` evaluates on a
-    validation split instead of the test split (the synthetic set's own ``val`` split of
-    ``test_images_per_class`` images per class; for real data 10 % of each training class,
-    held out of SSL training too), for choosing recipes without touching the test split.
-    ``ema_momentum`` sets the momentum encoder's EMA momentum (MoCo v2's key encoder;
-    BYOL's value at step 0 of its cosine schedule to 1); None keeps the method's default.
-    ``stem_pool: false`` drops a ResNet backbone's stem max-pool (the official BYOL
-    backbone: a 14x14 last map at 224 px). ``label_fractions`` lists the fractions of
-    the training labels (stratified, seeded with ``data_seed``) that linear probes are
-    trained on besides all of them (the paper's Table 2: 1.0 0.5 0.2).
-    ``checkpoint_every: N`` keeps a checkpoint every N epochs besides
-    ``checkpoints/last.ckpt`` (0: only the last).
+    Attributes mirror the CLI flags (``--epochs 20`` sets ``epochs``); their one-line
+    descriptions below are the flags' ``--help``. The defaults are a small synthetic
+    run; the shipped configs (``lcr_lightly/experiments/configs/*.yaml``, ``--config
+    NAME``) hold the demo's, the studies' and the paper's settings. Values are checked
+    (and YAML strings such as ``"3e-2"`` or ``"false"`` converted) on construction; a bad
+    value raises :class:`ConfigError` naming the field, an unknown keyword a
+    ``TypeError`` naming the closest field. ``eval_split: val`` evaluates on the
+    synthetic set's own ``val`` split, or for real data on 10 % of each training class
+    held out of SSL training too, for choosing recipes without touching the test split.
+    ``label_fractions`` lists the fractions of the training labels (stratified, seeded
+    with ``data_seed``) that linear probes are trained on besides all of them (the
+    paper's Table 2: 1.0 0.5 0.2).
+
+    Attributes:
+        method: Self-supervised method.
+        backbone: small_resnet, a torchvision ResNet name (resnet50) or a timm model name.
+        widths: Stage widths of small_resnet (4 values).
+        stem_pool: Keep a ResNet backbone's stem max-pool (false: the official BYOL
+            backbone, a 14x14 last map at 224 px).
+        weights: Initial backbone weights: null (random), imagenet (EfficientNet-Lite0,
+            extra [imagenet]), generic_init (the shipped synthetic init of small_resnet
+            16 32 64 128) or a local state-dict file.
+        dataset: Data set; see "data sets" below for each one's folder layout.
+        data_root: Folder of the data set (see "data sets" below); not for synthetic.
+        image_size: Training and evaluation image size in pixels.
+        num_classes: Synthetic set: number of classes.
+        images_per_class: Synthetic set: training images per class.
+        test_images_per_class: Synthetic set: test (and val) images per class.
+        eval_split: Evaluate on the test split, or on a validation split (choose recipes).
+        data_seed: Seed of the synthetic set and of the validation split.
+        min_scale: Smallest crop area of the SSL augmentation (RandomResizedCrop).
+        epochs: SSL training epochs (0: evaluate the initialisation only).
+        batch_size: Training batch size (per device).
+        lr: Base learning rate (null: the method's default).
+        warmup_epochs: Linear learning-rate warm-up epochs.
+        memory_bank_size: MoCo v2 queue length (negatives).
+        ema_momentum: Momentum encoder EMA (MoCo v2; BYOL's start); null: the method's.
+        precision: Lightning training precision.
+        seed: Seed of model initialisation and training.
+        num_workers: DataLoader worker processes.
+        devices: Number of devices to train on.
+        accelerator: Lightning accelerator.
+        out_dir: Run folder (checkpoints, model.pt, config.yaml, results.json, logs).
+        progress: Show progress (a bar on a terminal, periodic lines in a log file).
+        label_fractions: Fractions of the training labels linear probes also train on.
+        checkpoint_every: Keep checkpoints/epochNNN.ckpt every N epochs (0: last.ckpt only).
     """
 
     # method
@@ -219,6 +279,14 @@ class ExperimentConfig(LCRConfig):
                 "torchvision ResNet name such as 'resnet50' or a timm model name such as "
                 "'efficientnet_lite0'."
             )
+        if self.weights == GENERIC_INIT and (
+            self.backbone != "small_resnet" or list(self.widths) != list(GENERIC_INIT_WIDTHS)
+        ):
+            raise ConfigError(
+                f"weights: {GENERIC_INIT} is the shipped init of backbone small_resnet with "
+                f"widths {list(GENERIC_INIT_WIDTHS)}, not of {self.backbone!r} with widths "
+                f"{self.widths}; pass weights null or a local weights file."
+            )
         if self.weights == IMAGENET and self.backbone not in IMAGENET_SOURCES:
             raise ConfigError(
                 f"weights: no ImageNet weights ship in a package for backbone {self.backbone!r} "
@@ -254,6 +322,49 @@ class ExperimentConfig(LCRConfig):
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(ExperimentConfig))
 
 
+def _checked_init(init: Any) -> Any:
+    @functools.wraps(init)
+    def checked(self: ExperimentConfig, *args: Any, **kwargs: Any) -> None:
+        for key in kwargs:  # the YAML and flag paths name the closest field too
+            if key not in FIELD_NAMES:
+                close = difflib.get_close_matches(key, FIELD_NAMES, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else "; see ExperimentConfig"
+                raise TypeError(f"ExperimentConfig got an unknown option {key!r}{hint}")
+        init(self, *args, **kwargs)
+
+    return checked
+
+
+# dataclass writes __init__; this one adds the closest field to Python's TypeError
+setattr(ExperimentConfig, "__init__", _checked_init(ExperimentConfig.__init__))  # noqa: B010
+
+
+def shipped_configs() -> List[str]:
+    """Names of the configs that ship in the package (``--config NAME``)."""
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def config_path(value: str) -> str:
+    """A ``--config`` value as a file: an existing path, else a shipped config's name.
+
+    Args:
+        value: A YAML file, or the name of a shipped config with or without ``.yaml``.
+
+    Returns:
+        The path (``value`` itself when no shipped config has that name, so that the
+        parser reports the missing file).
+    """
+    if Path(value).expanduser().is_file():
+        return value
+    shipped = SHIPPED_CONFIGS / (value if value.endswith(".yaml") else value + ".yaml")
+    return str(shipped) if "/" not in value and shipped.is_file() else value
+
+
+def weights_file(weights: Optional[str]) -> Optional[str]:
+    """The ``weights`` field as build_backbone takes it: ``generic_init`` becomes its file."""
+    return str(GENERIC_INIT_FILE) if weights == GENERIC_INIT else weights
+
+
 def add_config_arguments(parser: ArgumentParser) -> None:
     """Adds one typed flag per :class:`ExperimentConfig` field (``--out-dir`` for ``out_dir``).
 
@@ -264,14 +375,16 @@ def add_config_arguments(parser: ArgumentParser) -> None:
         parser: A jsonargparse parser.
     """
     hints = get_type_hints(ExperimentConfig)
+    docs = field_docs()
     for f in dataclasses.fields(ExperimentConfig):
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         factory: Any = f.default_factory
         default = f.default if f.default is not dataclasses.MISSING else factory()
+        doc = docs.get(f.name)
         if hint is bool:
             parser.add_argument(
-                flag, dest=f.name, type=bool, nargs="?", const=True, default=default
+                flag, dest=f.name, type=bool, nargs="?", const=True, default=default, help=doc
             )
             parser.add_argument(  # its own default must not replace the field's
                 "--no-" + flag[2:],
@@ -282,10 +395,27 @@ def add_config_arguments(parser: ArgumentParser) -> None:
             )
         elif get_origin(hint) is list:
             parser.add_argument(
-                flag, dest=f.name, type=get_args(hint)[0], nargs="+", default=default
+                flag, dest=f.name, type=get_args(hint)[0], nargs="+", default=default, help=doc
             )
         else:
-            parser.add_argument(flag, dest=f.name, type=hint, default=default)
+            parser.add_argument(flag, dest=f.name, type=hint, default=default, help=doc)
+
+
+@functools.lru_cache(maxsize=1)
+def field_docs() -> Dict[str, str]:
+    """Each field's one-line description (its ``--help``).
+
+    Read from the ``Attributes`` sections of the config classes' docstrings by
+    docstring-parser, the parser jsonargparse uses for docstrings.
+    """
+    import docstring_parser
+
+    docs: Dict[str, str] = {}
+    for cls in reversed(ExperimentConfig.__mro__):
+        for param in docstring_parser.parse(cls.__doc__ or "").params:
+            if param.args[0] == "attribute" and param.description:
+                docs[param.arg_name] = " ".join(param.description.split())
+    return docs
 
 
 @functools.lru_cache(maxsize=1)

@@ -24,6 +24,7 @@ import yaml
 from lcr_lightly.experiments.atomic import atomic_path, atomic_write
 from lcr_lightly.experiments.pipeline import (
     ExperimentConfig,
+    aligned_table,
     evaluate,
     fit,
     format_table,
@@ -88,19 +89,18 @@ def run_demo(
     table = format_table(rows, keys)
     loc = runs["mocov2_lcr"]["results"]["localization"]
     base_loc = runs["mocov2"]["results"]["localization"]
-    loc_table = "\n".join(
+    loc_rows = [
+        ("LCR rationale A'", loc, "rationale_{}_pointing"),
+        ("feature norm (LCR model)", loc, "norm_{}_pointing"),
+        ("feature norm (baseline)", base_loc, "norm_{}_pointing"),
+        ("chance (mask area)", loc, "chance_{}"),
+    ]
+    loc_table = aligned_table(
+        ["map (pointing game, test split)", "object pointing", "part pointing"],
         [
-            "| map | object pointing | part pointing |",
-            "|---|---:|---:|",
-            f"| LCR rationale A' | {100 * loc['rationale_object_pointing']:.1f} | "
-            f"{100 * loc['rationale_part_pointing']:.1f} |",
-            f"| feature norm (LCR model) | {100 * loc['norm_object_pointing']:.1f} | "
-            f"{100 * loc['norm_part_pointing']:.1f} |",
-            f"| feature norm (baseline) | {100 * base_loc['norm_object_pointing']:.1f} | "
-            f"{100 * base_loc['norm_part_pointing']:.1f} |",
-            f"| chance (mask area) | {100 * loc['chance_object']:.1f} | "
-            f"{100 * loc['chance_part']:.1f} |",
-        ]
+            [label, *(f"{100 * src[key.format(m)]:.1f}" for m in ("object", "part"))]
+            for label, src, key in loc_rows
+        ],
     )
     figure = make_figure(runs["mocov2_lcr"]["model"], data, cfg, out / "figure.png")
     elapsed = time.time() - start

@@ -3,15 +3,15 @@
 A small ResNet pretrained, supervised, on the generic variant of the synthetic set (8
 object templates, disjoint from the fine-grained classes). The shipped file
 ``lcr_lightly/assets/init_small_resnet_w16_64px.pth`` starts the synthetic-init studies
-of ``benchmarks/RESULTS.md`` (``benchmarks/configs/synthetic_init.yaml``); ``lcr-lightly
-init`` retrains it with :data:`INIT_SETTINGS`. The demo and the ImageNet studies start
-from real ImageNet weights instead (``weights: imagenet``).
+of ``benchmarks/RESULTS.md`` (``weights: generic_init``, the shipped config
+``synthetic_init``); ``lcr-lightly init`` retrains it with :data:`INIT_SETTINGS`. The
+demo and the ImageNet studies start from real ImageNet weights instead (``weights:
+imagenet``).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import pytorch_lightning as pl
 import torch
@@ -22,7 +22,6 @@ from lcr_lightly.data import SyntheticFineGrained, eval_transform
 from lcr_lightly.experiments.atomic import atomic_path
 from lcr_lightly.models import SmallResNet
 
-ASSET = Path(__file__).parent.parent / "assets" / "init_small_resnet_w16_64px.pth"
 # The settings the shipped file was trained with (and the defaults of `lcr-lightly init`).
 INIT_SETTINGS: Dict[str, Any] = dict(
     widths=(16, 32, 64, 128),
@@ -147,16 +146,3 @@ def pretrain_generic_init(
         "train_acc": float(trainer.callback_metrics.get("train_acc", torch.tensor(0.0))),
         "test_acc": correct / max(total, 1),
     }
-
-
-def ensure_init(path: Optional[str], out_dir: Path, progress: bool) -> str:
-    """Returns a backbone initialisation file, training one if none is shipped."""
-    if path is not None:
-        return path
-    if ASSET.exists():
-        return str(ASSET)
-    target = out_dir / "init_small_resnet_w16_64px.pth"
-    if not target.exists():
-        print(f"No shipped init found; pretraining one on the generic set -> {target}")
-        pretrain_generic_init(str(target), progress=progress, **INIT_SETTINGS)
-    return str(target)

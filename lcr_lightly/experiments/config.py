@@ -146,7 +146,13 @@ class ExperimentConfig(LCRConfig):
     ``ema_momentum`` sets the momentum encoder's EMA momentum (MoCo v2's key encoder;
     BYOL's value at step 0 of its cosine schedule to 1); None keeps the method's default.
     ``checkpoint_every: N`` keeps a checkpoint every N epochs besides
-    ``checkpoints/last.ckpt`` (0: only the last).
+    ``checkpoints/last.ckpt`` (0: only the last). With ``eval_split: val`` training also
+    scores validation retrieval every epoch (:class:`~lcr_lightly.callbacks.RetrievalMonitor`),
+    keeps the epoch with the best ``val/mAP_rationale`` (``val/mAP_gap`` without LCR) as
+    ``checkpoints/best.ckpt`` through Lightning's ``ModelCheckpoint`` and ends with its
+    weights, and draws the maps every epoch (:class:`~lcr_lightly.callbacks.RationaleMaps`).
+    ``logger`` chooses Lightning's ``CSVLogger`` (map figures as PNG files) or
+    ``TensorBoardLogger`` (figures as images).
     """
 
     # method
@@ -185,6 +191,7 @@ class ExperimentConfig(LCRConfig):
     out_dir: str = "outputs/run"
     progress: bool = True
     checkpoint_every: NonNegativeInt = 10
+    logger: Literal["csv", "tensorboard"] = "csv"
 
     def __post_init__(self) -> None:
         values = dataclasses.asdict(self)

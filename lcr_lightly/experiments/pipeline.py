@@ -82,7 +82,7 @@ __all__ = [
 
 CHECKPOINT_DIR = "checkpoints"
 # Fields that may differ between a killed run and its resumption.
-RESUME_FREE = ("out_dir", "progress", "num_workers", "accelerator", "checkpoint_every")
+RESUME_FREE = ("out_dir", "progress", "num_workers", "accelerator", "checkpoint_every", "logger")
 
 
 class EvaluationError(RuntimeError):
@@ -310,10 +310,37 @@ def _checkpoint_callbacks(folder: Path, every: int) -> List[pl.Callback]:
     return [last, ModelCheckpoint(every_n_epochs=every, **periodic, **common)]
 
 
+def _selection_callbacks(cfg: ExperimentConfig, data: DataBundle, folder: Path) -> List[Any]:
+    """With ``eval_split: val``: validation retrieval, the best epoch's checkpoint, maps."""
+    if cfg.eval_split != "val":  # never select on the test split
+        return []
+    import torch
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from lcr_lightly.callbacks import RationaleMaps, RetrievalMonitor
+
+    val: Any = data.test_eval  # the validation split when eval_split is "val"
+    callbacks: List[Any] = [RetrievalMonitor(_loader(val, cfg))]
+    if cfg.lcr:
+        step = max(len(val) // 6, 1)
+        images = torch.stack([val[i * step][0] for i in range(min(6, len(val)))])
+        callbacks.append(RationaleMaps(images, num_images=len(images)))
+    monitor = "val/mAP_rationale" if cfg.lcr else "val/mAP_gap"
+    best = ModelCheckpoint(
+        dirpath=folder, filename="best", monitor=monitor, mode="max", enable_version_counter=False
+    )
+    return [*callbacks, best]
+
+
 def fit(
     cfg: ExperimentConfig, model: pl.LightningModule, data: DataBundle, resume: bool = False
 ) -> pl.LightningModule:
-    """Trains a model with a Lightning Trainer (CSV log of losses and learning rate).
+    """Trains a model with a Lightning Trainer (CSV or TensorBoard log, ``cfg.logger``).
+
+    With ``cfg.eval_split == "val"`` it also scores validation retrieval and draws the
+    maps every epoch, and ends with the weights of the epoch whose validation mAP
+    (rationale pooling with LCR, else GAP) was highest, ``checkpoints/best.ckpt``, kept
+    by Lightning's ``ModelCheckpoint``.
 
     Checkpoints go to ``<out_dir>/checkpoints`` (see the module docstring). Every epoch
     is seeded from ``(cfg.seed, epoch)`` (:class:`EpochSeededLoader`), so a resumed run
@@ -327,7 +354,7 @@ def fit(
             epoch); otherwise checkpoints of an earlier run in ``out_dir`` are deleted.
 
     Returns:
-        The trained model.
+        The trained model (with ``eval_split: val``, the selected epoch's weights).
 
     Raises:
         ConfigError: If the batch is larger than the training set, or the checkpoint
@@ -335,7 +362,7 @@ def fit(
         CheckpointError: If the checkpoint to resume is missing or unreadable.
     """
     from pytorch_lightning.callbacks import LearningRateMonitor
-    from pytorch_lightning.loggers import CSVLogger
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
     check_steps(cfg, data)
     folder = Path(cfg.out_dir) / CHECKPOINT_DIR
@@ -354,15 +381,19 @@ def fit(
     else:
         for stale in folder.glob("*.ckpt"):  # an earlier run's: never resume those
             stale.unlink()
+    selection = _selection_callbacks(cfg, data, folder)
     trainer = pl.Trainer(
         max_epochs=cfg.epochs,
         accelerator=cfg.accelerator,
         devices=cfg.devices,
         precision=cfg.precision,
-        logger=CSVLogger(cfg.out_dir, name="logs"),
+        logger=(TensorBoardLogger if cfg.logger == "tensorboard" else CSVLogger)(
+            cfg.out_dir, name="logs"
+        ),
         callbacks=[
             LearningRateMonitor(logging_interval="step"),
             ConfigInCheckpoint(cfg.to_dict()),
+            *selection,
             *_checkpoint_callbacks(folder, cfg.checkpoint_every),
         ],
         plugins=[AtomicCheckpointIO()],
@@ -381,6 +412,9 @@ def fit(
         num_workers=cfg.num_workers,
     )
     trainer.fit(model, loader, ckpt_path=ckpt_path)
+    best = selection[-1].best_model_path if selection else ""
+    if best:  # end with the epoch selected on validation retrieval
+        model.load_state_dict(read_checkpoint(best).state_dict)
     return model
 
 

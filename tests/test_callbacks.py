@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lcr_lightly import RationaleMaps, RetrievalMonitor, with_common_rationale
 from lcr_lightly.models import BYOL, MoCoV2
 from tests.conftest import ToySiamese, TwoViews, quiet_trainer, tiny_resnet
-from tests.test_clients import DINOClient, MultiCrop
+from tests.test_clients import DINOClient, DINOViTClient, MultiCrop
 from tests.test_vit import ViTSiamese, tiny_timm_vit
 
 
@@ -230,6 +230,11 @@ CLIENTS = {
     ),
     "dino": Client(
         DINOClient,
+        lambda: DataLoader(MultiCrop(8), batch_size=4, shuffle=True, drop_last=True),
+        multi_crop,
+    ),
+    "dino-vit": Client(
+        DINOViTClient,
         lambda: DataLoader(MultiCrop(8), batch_size=4, shuffle=True, drop_last=True),
         multi_crop,
     ),

@@ -110,13 +110,20 @@ def untouched(
     modes = [(m, m.training) for m in model.modules()]
     params = list(model.parameters())
     grads = [p.grad for p in params]
-    saved: List[Tuple[Tensor, Tensor]] = []
+    # (module, name, tensor): a step may also rebind a buffer (a lazily built queue)
+    slots = [
+        (module, name, tensor)
+        for module in model.modules()
+        for name, tensor in [
+            *module.named_parameters(recurse=False),
+            *module.named_buffers(recurse=False),
+        ]
+    ]
+    values: Dict[int, Tensor] = {}
     if tensors:
-        seen = set()
-        for t in [*params, *model.buffers()]:
-            if id(t) not in seen:
-                seen.add(id(t))
-                saved.append((t, t.detach().clone()))
+        for _, _, tensor in slots:
+            if id(tensor) not in values:
+                values[id(tensor)] = tensor.detach().clone()
     shadowed = {name: model.__dict__.get(name) for name in ("log", "log_dict")}
     if silence_logging:
         for name in shadowed:
@@ -131,12 +138,17 @@ def untouched(
                     model.__dict__.pop(name, None)
                 else:
                     model.__dict__[name] = previous
-        with torch.no_grad():
-            for tensor, value in saved:
-                if tensor.shape != value.shape:  # resized in place (a lazily built buffer)
-                    tensor.data = value
-                else:
-                    tensor.copy_(value)
+        if tensors:
+            with torch.no_grad():
+                for module, name, tensor in slots:
+                    if getattr(module, name) is not tensor:
+                        setattr(module, name, tensor)
+                for _, _, tensor in slots:
+                    value = values[id(tensor)]
+                    if tensor.shape != value.shape:  # resized in place
+                        tensor.data = value
+                    else:
+                        tensor.copy_(value)
         for p, g in zip(params, grads):
             p.grad = g
         for module, mode in modes:

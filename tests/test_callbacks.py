@@ -210,6 +210,21 @@ class ViTClient(ViTSiamese):
         return self.backbone(x)
 
 
+class RebindingQueue(ToySiamese):
+    """Keeps a queue of negatives by rebinding its buffer (``self.queue = cat(...)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("queue", torch.zeros(8, 8))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        (x0, _), _ = batch
+        z = F.normalize(self.projection(self(x0)), dim=1)
+        loss = super().training_step(batch, batch_idx) + 0.1 * (z @ self.queue.T).mean()
+        self.queue = torch.cat([z.detach(), self.queue])[:8]
+        return loss
+
+
 def _two_view_loader() -> DataLoader:
     return DataLoader(TwoViews(n=8), batch_size=4, shuffle=True, drop_last=True)
 
@@ -239,6 +254,7 @@ CLIENTS = {
         multi_crop,
     ),
     "vit": Client(lambda: ViTClient(tiny_timm_vit("avg")), _two_view_loader, two_views),
+    "rebinding-queue": Client(RebindingQueue, _two_view_loader, two_views),
 }
 
 
@@ -468,3 +484,29 @@ def test_cli_csv_logger_writes_the_map_figures_and_bad_logger_is_one_line(
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1
     assert err.startswith("error: logger: invalid value 'wandb'; expected one of csv, tensorboard")
+
+
+def test_the_readme_snippet_runs(tmp_path: Path) -> None:
+    import re
+
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"## Watching LCR train\n.*?```python\n(.*?)```", text, re.S).group(1)
+    code = block.replace("max_epochs=8,", "max_epochs=2, enable_progress_bar=False,")
+    code = code.replace('"runs"', repr(str(tmp_path)))
+    torch.manual_seed(0)
+    namespace = {
+        "pl": pl,
+        "model": with_common_rationale(ToySiamese(), k=4),
+        "val_images": all_images(labelled())[0][:3],
+        "val_loader": labelled(),
+        "train_plain": labelled(seed=2),
+        "train_dataloader": DataLoader(TwoViews(n=8), batch_size=4),
+    }
+    exec(compile(code, "README.md", "exec"), namespace)
+    trainer = namespace["trainer"]
+    assert {"val/mAP_rationale", "val/knn_gap"} <= trainer.callback_metrics.keys()
+    best = trainer.checkpoint_callback.best_model_path
+    assert Path(best).is_file() and Path(best).is_relative_to(tmp_path)
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert len(events.Images("rationale_maps")) == 2

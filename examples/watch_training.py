@@ -114,9 +114,9 @@ def run(tiny: bool, out: Path, figures: str) -> dict:
     best_epoch = int(torch.load(best.best_model_path, weights_only=False)["epoch"])
     init = "ImageNet-trained" if cfg.weights else "random"
     title = (
-        f"MoCo v2 + LCR, {cfg.backbone} from {init} weights, synthetic set ({cfg.num_classes} "
-        f"classes, {len(val)} validation images, {cfg.image_size} px), seed {cfg.seed}; "
-        f"kept: epoch {best_epoch + 1}"
+        f"MoCo v2 + LCR, {cfg.backbone} from {init} weights, seed {cfg.seed}\n"
+        f"synthetic set: {cfg.num_classes} classes, {len(val)} validation images, "
+        f"{cfg.image_size} px; kept (best val/mAP_rationale): after {best_epoch + 1} epochs"
     )
     folder = Path(figures) if figures else out
     folder.mkdir(parents=True, exist_ok=True)
@@ -129,7 +129,7 @@ def run(tiny: bool, out: Path, figures: str) -> dict:
     for epoch in range(len(history["val/mAP_gap"])):
         cells = " | ".join(f"{100 * history[f'val/mAP_{p}'][epoch]:.1f}" for p in POOLINGS)
         print(f"| {epoch} | {cells} |")
-    print(f"kept epoch {best_epoch + 1} ({best.best_model_path}); training {seconds:.0f} s")
+    print(f"kept: after {best_epoch + 1} epochs ({best.best_model_path}); fit {seconds:.0f} s")
     print(
         f"last call of RationaleMaps: {maps.seconds:.2f} s ({len(images)} images), of "
         f"RetrievalMonitor: {monitor.seconds:.2f} s ({len(val)} images, 3 poolings)"

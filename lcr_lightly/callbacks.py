@@ -215,7 +215,7 @@ class RationaleMaps(Callback):
     modes, as LCR sees it), for the first online view; ``A'`` and the feature-norm map
     come from an eval-mode forward of the images. Every map is min-max normalised per
     image (the GradCAM divided by its maximum) and drawn with one colour map and one
-    scale over a grey, dimmed copy of the image, at the map's own resolution (a 4x4 map
+    scale over a grey copy of the image, at the map's own resolution (a 4x4 map
     shows 16 cells).
 
     Logged with tag ``tag`` to every TensorBoard logger (``add_image``) and W&B logger
@@ -296,7 +296,18 @@ class RationaleMaps(Callback):
         images, labels = self.images.to(param.device), self.labels.to(param.device)
         n = len(images)
         record, last = lcr.record, lcr.last_step
+        modes = [(m, m.training) for m in pl_module.modules()]
         with untouched(pl_module):
+            # the eval panels first: the training step below moves BN statistics
+            eval_maps = extract_features(
+                pl_module,
+                DataLoader(TensorDataset(images, labels), batch_size=n),
+                poolings=("gap",),
+                return_maps=True,
+                progress=False,
+            )
+            for module, mode in modes:  # the step runs in the modes training uses
+                module.training = mode
             lcr.record = True
             lcr.last_step = None
             try:
@@ -305,13 +316,6 @@ class RationaleMaps(Callback):
                 found = lcr.last_step
             finally:
                 lcr.record, lcr.last_step = record, last
-            eval_maps = extract_features(
-                pl_module,
-                DataLoader(TensorDataset(images, labels), batch_size=n),
-                poolings=("gap",),
-                return_maps=True,
-                progress=False,
-            )
         if found is None or not found.gradcams:  # a non-finite step skipped with a warning
             cam = torch.zeros_like(eval_maps["norm_map"])
         else:
@@ -333,7 +337,8 @@ class RationaleMaps(Callback):
             title: Figure title (e.g. the epoch).
 
         Returns:
-            A matplotlib figure of ``(4 * cell + colour bar) x (rows * cell)`` inches.
+            A matplotlib figure of ``(4 * cell_inches + 0.6) x (rows * cell_inches + 0.35)``
+            inches (0.6: the colour bar, 0.35: the titles) at ``dpi``.
         """
         pictures = maps["image"].permute(0, 2, 3, 1).numpy()
         grey = pictures @ np.array([0.299, 0.587, 0.114])  # luminance, colour removed

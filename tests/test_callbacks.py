@@ -81,6 +81,8 @@ def features_by_hand(model: nn.Module, images: Tensor) -> Dict[str, Tensor]:
         "gap": fmap.mean((2, 3)),
         "rationale": (minmax(a)[:, None] * fmap).mean((2, 3)),
         "norm": (minmax(fmap.norm(dim=1))[:, None] * fmap).mean((2, 3)),
+        "attention": minmax(a),
+        "norm_map": minmax(fmap.norm(dim=1)),
     }
 
 
@@ -117,6 +119,37 @@ def knn_by_hand(bank: Tensor, bank_y: Tensor, x: Tensor, y: Tensor, k: int, t: f
             votes[int(bank_y[j])] = votes.get(int(bank_y[j]), 0.0) + float(np.exp(s / t))
         correct += max(votes, key=votes.get) == int(y[i])
     return correct / len(x)
+
+
+# ----------------------------------------------------------------------------- panels
+
+
+def test_the_panels_are_the_ssl_gradcam_the_rationale_and_the_feature_norm() -> None:
+    torch.manual_seed(0)
+    model = with_common_rationale(ToySiamese(), k=4)
+    x = torch.randn(3, 3, 32, 32)
+    model.train()
+    frozen = next(m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d))
+    frozen.eval()  # kept in eval mode while training: the GradCAM step must keep it so
+    panels = RationaleMaps(x, num_images=3).maps(model)
+    by_hand = features_by_hand(model, x)  # eval mode: A' and the norm map of the pool input
+    torch.testing.assert_close(panels["rationale"], by_hand["attention"])
+    torch.testing.assert_close(panels["norm"], by_hand["norm_map"])
+    model.train()
+    frozen.eval()
+    # GradCAM of the unwrapped SSL loss at the hooked layer, first view, by autograd
+    maps: List[Tensor] = []
+    layer = model.common_rationale.capture.layer
+    handle = layer.register_forward_hook(lambda m, a, o: maps.append(o))
+    loss = ToySiamese.training_step(model, ([x, x.flip(-1)], torch.zeros(3)), 0)
+    handle.remove()
+    model.common_rationale.clear()
+    (grad,) = torch.autograd.grad(loss, maps[0])
+    cam = torch.relu((maps[0] * grad).sum(1)).detach()
+    torch.testing.assert_close(panels["gradcam"], cam / cam.flatten(1).amax(1)[:, None, None])
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    torch.testing.assert_close(panels["image"], (x * std + mean).clamp(0, 1))
 
 
 # ------------------------------------------------------------------------- TensorBoard

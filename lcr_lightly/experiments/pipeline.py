@@ -311,9 +311,9 @@ def _checkpoint_callbacks(folder: Path, every: int) -> List[pl.Callback]:
 
 
 def _selection_callbacks(cfg: ExperimentConfig, data: DataBundle, folder: Path) -> List[Any]:
-    """With ``eval_split: val``: validation retrieval, the best epoch's checkpoint, maps."""
+    """Retrieval on ``data.test_eval`` (the validation split), the best epoch's checkpoint, maps."""
     if cfg.eval_split != "val":  # never select on the test split
-        return []
+        raise ValueError("checkpoint selection needs eval_split 'val' (never the test split)")
     import torch
     from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -333,14 +333,19 @@ def _selection_callbacks(cfg: ExperimentConfig, data: DataBundle, folder: Path) 
 
 
 def fit(
-    cfg: ExperimentConfig, model: pl.LightningModule, data: DataBundle, resume: bool = False
+    cfg: ExperimentConfig,
+    model: pl.LightningModule,
+    data: DataBundle,
+    resume: bool = False,
+    select: bool = False,
 ) -> pl.LightningModule:
     """Trains a model with a Lightning Trainer (CSV or TensorBoard log, ``cfg.logger``).
 
-    With ``cfg.eval_split == "val"`` it also scores validation retrieval and draws the
-    maps every epoch, and ends with the weights of the epoch whose validation mAP
-    (rationale pooling with LCR, else GAP) was highest, ``checkpoints/best.ckpt``, kept
-    by Lightning's ``ModelCheckpoint``.
+    With ``select`` (``cfg.eval_split`` must be ``"val"`` and ``data`` made from it) it
+    also scores retrieval on the validation split and draws the maps every epoch, and
+    ends with the weights of the epoch whose validation mAP (rationale pooling with LCR,
+    else GAP) was highest, ``checkpoints/best.ckpt``, kept by Lightning's
+    ``ModelCheckpoint``.
 
     Checkpoints go to ``<out_dir>/checkpoints`` (see the module docstring). Every epoch
     is seeded from ``(cfg.seed, epoch)`` (:class:`EpochSeededLoader`), so a resumed run
@@ -352,9 +357,10 @@ def fit(
         data: The data bundle.
         resume: Continue from ``checkpoints/last.ckpt`` (optimizer, schedule, MoCo queue,
             epoch); otherwise checkpoints of an earlier run in ``out_dir`` are deleted.
+        select: Select the checkpoint on validation retrieval (see above).
 
     Returns:
-        The trained model (with ``eval_split: val``, the selected epoch's weights).
+        The trained model (with ``select``, the selected epoch's weights).
 
     Raises:
         ConfigError: If the batch is larger than the training set, or the checkpoint
@@ -381,7 +387,7 @@ def fit(
     else:
         for stale in folder.glob("*.ckpt"):  # an earlier run's: never resume those
             stale.unlink()
-    selection = _selection_callbacks(cfg, data, folder)
+    selection = _selection_callbacks(cfg, data, folder) if select else []
     trainer = pl.Trainer(
         max_epochs=cfg.epochs,
         accelerator=cfg.accelerator,
@@ -516,7 +522,7 @@ def run(
     model = make_model(cfg, num_classes=None)
     start = time.time()
     if cfg.epochs > 0:
-        fit(cfg, model, data, resume=resume)
+        fit(cfg, model, data, resume=resume, select=cfg.eval_split == "val")
     elapsed = time.time() - start
     out_dir = save_run(cfg, model)
     try:

@@ -1,17 +1,22 @@
 """GradCAMFitLoss: fitting the rationale map to the GradCAM of the SSL loss.
 
-Both maps are flattened over positions, divided by a temperature and turned into
-distributions with a softmax; the loss is a KL divergence between them. The paper and
-its official code differ in several details, so each is an option:
+Both maps are divided by a temperature and turned into distributions with a softmax
+(over all positions of a map, or over each row); the loss is a KL divergence between
+them. The paper and its two official scripts differ in several details, so each is an
+option and :meth:`GradCAMFitLoss.official` reproduces each script:
 
-==================  ===============================  ===================================
-option              paper (eq. 6)                    official code (GANPerf/LCR, BYOL)
-==================  ===============================  ===================================
-``direction``       ``"reverse"``: KL(A || G)        ``"forward"``: KL(G || A)
-``head``            raw map A                        ``"minmax"`` over the whole batch
-``detach_target``   (not stated)                     ``False``: gradient flows through G
-``reduction``       (not stated)                     ``"sum"`` over the batch
-==================  ===============================  ===================================
+=================  ======================  ========================  ========================
+option             paper (eq. 6)           official BYOL             official MoCo v2
+                                           (``main.py``)             (``main_moco.py``)
+=================  ======================  ========================  ========================
+``direction``      ``"reverse"``: KL(A||G)  ``"forward"``: KL(G||A)   ``"forward"``
+``softmax``        over the map             ``"map"`` (flattened)     ``"rows"``: each row
+                                                                      of W positions
+``tau``            0.4                      0.4                       1 (no temperature)
+``head``           raw map A                ``"minmax"``, batch-wide  ``"minmax"``, batch-wide
+``detach_target``  (not stated)             ``False``: grad through G ``False``
+``reduction``      (not stated)             ``"sum"``                 ``"sum"``
+=================  ======================  ========================  ========================
 
 ``target="max"`` divides each GradCAM map by its own maximum before the temperature.
 Raw GradCAM values of a mean-reduced SSL loss are tiny (~1e-3), so softmax(G / 0.4) is
@@ -34,6 +39,8 @@ TARGETS = ("raw", "max")
 HEADS = ("raw", "minmax")
 DIRECTIONS = ("forward", "reverse")
 REDUCTIONS = ("batchmean", "sum")
+SOFTMAX_AXES = ("map", "rows")
+OFFICIAL_SCRIPTS = ("byol", "moco")
 
 
 class GradCAMFitLoss(nn.Module):
@@ -50,6 +57,10 @@ class GradCAMFitLoss(nn.Module):
             features that G is computed from (False, official code).
         reduction: ``"batchmean"``: sum over positions, mean over images;
             ``"sum"``: sum over positions and images (official code).
+        softmax: ``"map"``: one distribution over the H*W positions of each map (paper,
+            official BYOL); ``"rows"``: one distribution over the W positions of each of
+            the H rows, the KL summed over rows (official MoCo: its softmax runs over the
+            last axis of (B, H, W) maps). ``"rows"`` needs (B, H, W) maps.
 
     Example:
         >>> loss_fn = GradCAMFitLoss()
@@ -64,8 +75,10 @@ class GradCAMFitLoss(nn.Module):
         direction: str = "forward",
         detach_target: bool = True,
         reduction: str = "batchmean",
+        softmax: str = "map",
     ) -> None:
         super().__init__()
+        _check_choice("softmax", softmax, SOFTMAX_AXES)
         _check_choice("target", target, TARGETS)
         _check_choice("head", head, HEADS)
         _check_choice("direction", direction, DIRECTIONS)
@@ -76,31 +89,47 @@ class GradCAMFitLoss(nn.Module):
         self.direction = direction
         self.detach_target = detach_target
         self.reduction = reduction
+        self.softmax = softmax
 
     @classmethod
-    def official(cls) -> GradCAMFitLoss:
-        """The official code's BYOL loss (GANPerf/LCR ``main.py``), reproduced exactly.
+    def official(cls, script: str = "byol") -> GradCAMFitLoss:
+        """The loss of one of the official scripts (GANPerf/LCR), reproduced exactly.
 
-        ``kl_div(log(softmax(minmax_batch(A) / 0.4)), softmax(G / 0.4), reduction="sum")``
-        on flattened maps, with gradient through G.
+        Both use the head map min-max normalised over the whole batch, the raw GradCAM
+        of the SSL loss with its gradient flowing into the features (the factor
+        ``dL/dF`` is computed without ``create_graph``, as :func:`~lcr_lightly.gradcam`
+        does), ``F.kl_div(log softmax(A), softmax(G), reduction="sum")``, i.e.
+        KL(G || A) summed over the batch:
+
+        * ``"byol"`` (``main.py``, Table 3): maps flattened to (B, H*W), both divided by
+          a temperature of 0.4 before the softmax.
+        * ``"moco"`` (``main_moco.py`` + ``moco/builder.py``, Tables 2 and 4): (B, H, W)
+          maps, the softmax over the last axis only (each row of W positions is its own
+          distribution), no temperature.
+
+        Args:
+            script: ``"byol"`` or ``"moco"``.
 
         Returns:
             A configured loss.
         """
+        _check_choice("script", script, OFFICIAL_SCRIPTS)
         return cls(
-            tau=0.4,
+            tau=0.4 if script == "byol" else 1.0,
             target="raw",
             head="minmax",
             direction="forward",
             detach_target=False,
             reduction="sum",
+            softmax="map" if script == "byol" else "rows",
         )
 
     def forward(self, head_map: Tensor, gradcam: Tensor) -> Tensor:
         """Computes the loss.
 
         Args:
-            head_map: Rationale map A from the head, (B, H, W) (or (B, N)).
+            head_map: Rationale map A from the head, (B, H, W) (or (B, N) with
+                ``softmax="map"``).
             gradcam: GradCAM map G of the SSL loss, same shape.
 
         Returns:
@@ -111,6 +140,9 @@ class GradCAMFitLoss(nn.Module):
                 f"head_map {tuple(head_map.shape)} and gradcam {tuple(gradcam.shape)} "
                 "must have the same shape."
             )
+        if self.softmax == "rows" and head_map.dim() != 3:
+            raise ValueError(f"softmax='rows' needs (B, H, W) maps, got {tuple(head_map.shape)}.")
+        batch = head_map.shape[0]
         with torch.autocast(device_type=head_map.device.type, enabled=False):
             a = head_map.float().flatten(1)
             g = gradcam.float().flatten(1)
@@ -120,13 +152,16 @@ class GradCAMFitLoss(nn.Module):
                 a = minmax_normalize(a, over="batch")
             if self.target == "max":
                 g = g / g.amax(dim=1, keepdim=True).clamp_min(1e-12)
+            if self.softmax == "rows":  # (B, H*W) -> (B*H, W): each row its own softmax
+                width = head_map.shape[-1]
+                a, g = a.reshape(-1, width), g.reshape(-1, width)
             log_a = F.log_softmax(a / self.tau, dim=1)
             log_g = F.log_softmax(g / self.tau, dim=1)
             if self.direction == "forward":
                 log_p, log_q = log_g, log_a
             else:
                 log_p, log_q = log_a, log_g
-            kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+            kl = (log_p.exp() * (log_p - log_q)).sum(dim=1).reshape(batch, -1).sum(dim=1)
             return kl.sum() if self.reduction == "sum" else kl.mean()
 
     def extra_repr(self) -> str:
@@ -134,5 +169,5 @@ class GradCAMFitLoss(nn.Module):
         return (
             f"tau={self.tau}, target={self.target!r}, head={self.head!r}, "
             f"direction={self.direction!r}, detach_target={self.detach_target}, "
-            f"reduction={self.reduction!r}"
+            f"reduction={self.reduction!r}, softmax={self.softmax!r}"
         )

@@ -22,6 +22,7 @@ TINY = [
     "precision=32-true",
     "num_workers=0",
     "progress=false",
+    "stem_pool=true",
 ]
 
 
@@ -34,16 +35,30 @@ IMAGENET = ["backbone=efficientnet_lite0", "weights=imagenet", "image_size=64"]
     "table,config,extra",
     [
         (2, "table2_mocov2_cub.yaml", []),
-        (3, "table3_byol_cub_bs32.yaml", []),
+        (3, "table3_byol_cub_bs128_official.yaml", []),
         (2, "table2_mocov2_cub.yaml", IMAGENET),
     ],
     ids=["table2", "table3", "table2-imagenet-efficientnet"],
 )
 def test_paper_tables_on_cub_layout_export(tmp_path, table, config, extra):
+    text, _ = _paper_tables(tmp_path, table, config, [*extra, "label_fractions=[1.0]"])
+    name = "MoCo v2" if table == 2 else "BYOL"
+    for label in (name, f"{name} + Ours", f"{name} + Ours (rationale pooling)"):
+        assert f"| {label} | honest: fixed budget (last epoch) |" in text
+    assert f"| {name} (feature-norm) |" in text
+    assert "official protocol" not in text
+    # Table 2's paper numbers hold for any batch; Table 3's are for batch 128 (here 4)
+    paper = (
+        "| 17.07 |" if table == 2 else "| BYOL + Ours (paper) | paper (best epoch on test) | – |"
+    )
+    assert paper in text
+
+
+def _paper_tables(tmp_path, table, config, sets, protocol=()):
     kw = dict(num_classes=3, image_size=32, seed=0)
     root = export_cub_layout(
         [
-            SyntheticFineGrained(images_per_class=4, **kw),
+            SyntheticFineGrained(images_per_class=6, **kw),
             SyntheticFineGrained(images_per_class=3, split="test", **kw),
         ],
         tmp_path / "CUB_200_2011",
@@ -59,9 +74,10 @@ def test_paper_tables_on_cub_layout_export(tmp_path, table, config, extra):
             str(ROOT / "benchmarks/configs" / config),
             "--out",
             str(tmp_path / "out"),
+            *protocol,
             "--set",
             *TINY,
-            *extra,
+            *sets,
             f"data_root={root}",
         ],
         capture_output=True,
@@ -70,9 +86,37 @@ def test_paper_tables_on_cub_layout_export(tmp_path, table, config, extra):
     )
     assert res.returncode == 0, res.stderr[-2000:]
     text = (tmp_path / "out" / f"table{table}.md").read_text()
-    name = "MoCo v2" if table == 2 else "BYOL"
-    assert f"| {name} + Ours |" in text and f"| {name} |" in text
-    assert ("| 17.07" in text) if table == 2 else ("| 39.27" in text)
+    assert res.stdout.strip().endswith(text.strip().splitlines()[-1])
+    return text, json.loads((tmp_path / "out" / f"table{table}.json").read_text())
+
+
+def test_paper_tables_official_moco_both_protocols(tmp_path):
+    """The official MoCo recipe, both protocols, every Table 2 column, on the CUB export."""
+    text, rows = _paper_tables(
+        tmp_path,
+        2,
+        "table2_mocov2_cub_official.yaml",
+        ["epochs=2", "label_fractions=[1.0,0.5,0.2]"],
+        ("--protocol", "both"),
+    )
+    head = next(line for line in text.splitlines() if line.startswith("| method |"))
+    for column in ("rank-1", "rank-5", "mAP", "linear top-1 (100 %)", "linear top-5 (20 %)"):
+        assert f"| {column} |" in head
+    assert "| MoCo v2 + Ours (paper) | paper (best epoch on test) | 49.69 |" in text
+    for pooling in ("gap", "rationale", "norm"):
+        res = rows["MoCo v2 + Ours"]
+        budget, official = res["fixed_budget"][pooling], res["official"][pooling]
+        chosen = res["val_selected"][pooling]
+        assert 1 <= chosen["epoch"] <= 2 and 1 <= official["epoch"] <= 2
+        for key in ("rank1", "rank5", "mAP"):  # a maximum over epochs that include the last
+            assert official[key] >= budget[key]
+    line = next(
+        row
+        for row in text.splitlines()
+        if row.startswith("| MoCo v2 + Ours (rationale pooling) | official protocol")
+    )
+    mine = rows["MoCo v2 + Ours"]["official"]["rationale"]
+    assert line.split("|")[3].strip() == f"{100 * mine['rank1']:.2f}"
 
 
 def test_retrieval_speed_script_runs():

@@ -11,7 +11,7 @@ from lcr_lightly.experiments.cli import main, parse
 from lcr_lightly.experiments.config import ConfigError, ExperimentConfig
 from lcr_lightly.experiments.pipeline import DATASETS
 from lcr_lightly.gradcam import GRADCAM_MODES
-from lcr_lightly.losses import DIRECTIONS, HEADS, REDUCTIONS, TARGETS, GradCAMFitLoss
+from lcr_lightly.losses import DIRECTIONS, HEADS, REDUCTIONS, SOFTMAX_AXES, TARGETS, GradCAMFitLoss
 from lcr_lightly.models import METHODS
 from lcr_lightly.pooling import NORMALIZE_MODES
 from lcr_lightly.rationale import VIEWS
@@ -135,6 +135,7 @@ def test_literal_choices_match_the_library():
         ("gradcam_mode", GRADCAM_MODES),
         ("views", VIEWS),
         ("normalize", NORMALIZE_MODES),
+        ("softmax", SOFTMAX_AXES),
     ]:
         assert get_args(hints[name]) == tuple(choices), name
 
@@ -164,7 +165,8 @@ def test_every_lcr_field_reaches_the_built_model():
 
     cfg = ExperimentConfig(
         widths=[8, 8, 16, 16], k=8, weight=0.2, tau=0.5, target="raw", head="minmax",
-        direction="reverse", detach_target=False, reduction="sum", detach_features=True,
+        direction="reverse", detach_target=False, reduction="sum", softmax="rows",
+        detach_features=True,
         gradcam_mode="channel", views="first", pool_in_training=True, normalize="batch",
         head_hidden=16,
     )  # fmt: skip
@@ -172,8 +174,38 @@ def test_every_lcr_field_reaches_the_built_model():
     loss = lcr.loss_fn
     assert (loss.tau, loss.target, loss.head) == (0.5, "raw", "minmax")
     assert (loss.direction, loss.detach_target, loss.reduction) == ("reverse", False, "sum")
+    assert loss.softmax == "rows"
     assert (lcr.head.k, lcr.weight, lcr.detach_features) == (8, 0.2, True)
     assert (lcr.gradcam_mode, lcr.views, lcr.pool_in_training) == ("channel", "first", True)
     assert lcr.head.normalize == "batch" and lcr.head.hidden_channels == 16
     official = make_model(ExperimentConfig(widths=[8, 8, 16, 16], official_loss=True))
     assert official.common_rationale.loss_fn.extra_repr() == GradCAMFitLoss.official().extra_repr()
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        (True, dict(tau=0.4, softmax="map")),
+        ("byol", dict(tau=0.4, softmax="map")),
+        ("moco", dict(tau=1.0, softmax="rows")),
+    ],
+)
+def test_official_loss_names_the_script(value, expected):
+    """official_loss: true (configs written before the MoCo preset) is the BYOL script."""
+    from lcr_lightly.experiments.pipeline import make_model
+
+    cfg = ExperimentConfig.from_dict({"widths": [8, 8, 16, 16], "official_loss": value})
+    loss = make_model(cfg).common_rationale.loss_fn
+    assert (loss.tau, loss.softmax) == (expected["tau"], expected["softmax"])
+    assert (loss.target, loss.head, loss.direction) == ("raw", "minmax", "forward")
+    assert (loss.detach_target, loss.reduction) == (False, "sum")
+    with pytest.raises(ConfigError, match="^official_loss: invalid value 'simclr'"):
+        ExperimentConfig(official_loss="simclr")
+
+
+def test_stem_pool_false_needs_a_resnet():
+    from lcr_lightly.experiments.pipeline import make_model
+
+    cfg = ExperimentConfig(backbone="efficientnet_lite0", stem_pool=False, lcr=False)
+    with pytest.raises(ConfigError, match="^stem_pool: EfficientNet has no stem max-pool to drop"):
+        make_model(cfg)

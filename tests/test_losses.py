@@ -74,6 +74,84 @@ def test_official_preset_matches_official_formula():
     assert g_feats.abs().sum() > 0
 
 
+def _official_moco_lines(featmap, grad_factor, featcov16):
+    """Transcription of main_moco.py's loss_cam and builder.py's max_mask/GradCAM lines."""
+    gradcam = torch.relu((featmap * grad_factor).sum(dim=1))
+    img, _ = torch.max(featcov16, axis=1)
+    img = img - torch.min(img)
+    att_max = img / (1e-7 + torch.max(img))
+    return F.kl_div(att_max.softmax(dim=-1).log(), gradcam.softmax(dim=-1), reduction="sum")
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 3, 5), (1, 3, 7, 7), (3, 2, 1, 4)])
+def test_official_moco_preset_matches_official_lines_value_and_gradients(shape):
+    """Value, and gradients into the features (through A and through G), equal the
+    official MoCo lines on random maps; H != W catches a softmax over the wrong axis."""
+    torch.manual_seed(2)
+    b, c, h, w = shape
+    featmap = torch.randn(b, c, h, w, dtype=torch.float64, requires_grad=True)
+    grad_factor = torch.randn(b, c, h, w, dtype=torch.float64)  # dL/dF, no create_graph
+    proj = torch.randn(5, c, dtype=torch.float64)
+    featcov16 = torch.relu(torch.einsum("kc,bchw->bkhw", proj, featmap))
+    expected = _official_moco_lines(featmap, grad_factor, featcov16)
+    (want,) = torch.autograd.grad(expected, featmap, retain_graph=True)
+
+    gradcam = torch.relu((featmap * grad_factor).sum(dim=1))
+    got = GradCAMFitLoss.official("moco")(featcov16.amax(dim=1), gradcam)
+    (have,) = torch.autograd.grad(got, featmap, retain_graph=True)
+    torch.testing.assert_close(got, expected.to(got.dtype), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(have.float(), want.float(), rtol=1e-4, atol=1e-6)
+    # the part of the gradient that reaches the features through G is not zero
+    detached = GradCAMFitLoss.official("moco")(featcov16.amax(dim=1), gradcam.detach())
+    (through_a,) = torch.autograd.grad(detached, featmap)
+    assert (have - through_a.float()).abs().sum() > 0
+
+
+def test_official_byol_preset_gradient_matches_official_lines():
+    torch.manual_seed(3)
+    featmap = torch.randn(3, 4, 2, 5, requires_grad=True)
+    grad_factor = torch.randn_like(featmap)
+    att = torch.relu(featmap[:, :2]).amax(dim=1)
+    gradcam = torch.relu((featmap * grad_factor).sum(dim=1))
+    img = att - torch.min(att)
+    att_max = (img / (1e-7 + torch.max(img))).view(3, -1) / 0.4
+    cam = gradcam.view(3, -1) / 0.4
+    expected = F.kl_div(att_max.softmax(dim=-1).log(), cam.softmax(dim=-1), reduction="sum")
+    (want,) = torch.autograd.grad(expected, featmap, retain_graph=True)
+    got = GradCAMFitLoss.official("byol")(att, gradcam)
+    (have,) = torch.autograd.grad(got, featmap)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(GradCAMFitLoss.official()(att, gradcam), expected)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum"])
+def test_rows_softmax_matches_hand_formula(reduction):
+    """softmax='rows': each of the H rows is a W-way distribution; KL summed over rows."""
+    torch.manual_seed(4)
+    a = torch.rand(3, 2, 4).double() * 2
+    g = torch.rand(3, 2, 4).double()
+    tau = 0.5
+    per_image = []
+    for i in range(3):
+        rows_a = [[v / tau for v in row] for row in a[i].tolist()]
+        rows_g = [[v / tau for v in row] for row in g[i].tolist()]
+        kls = _kl_rows(_softmax_rows(rows_g), _softmax_rows(rows_a))
+        per_image.append(sum(kls))
+    expected = sum(per_image) if reduction == "sum" else sum(per_image) / 3
+    loss = GradCAMFitLoss(tau=tau, target="raw", softmax="rows", reduction=reduction)
+    assert loss(a.float(), g.float()).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_rows_softmax_needs_maps_and_unknown_script_is_named():
+    with pytest.raises(
+        ValueError, match=r"^softmax='rows' needs \(B, H, W\) maps, got \(2, 9\)\.$"
+    ):
+        GradCAMFitLoss(softmax="rows")(torch.rand(2, 9), torch.rand(2, 9))
+    with pytest.raises(ValueError, match=r"^Unknown script='simclr'; expected one of \("):
+        GradCAMFitLoss.official("simclr")
+
+
 def test_detach_target_controls_gradient_through_gradcam():
     a = torch.rand(2, 3, 3, requires_grad=True)
     g = torch.rand(2, 3, 3, requires_grad=True)
@@ -111,6 +189,7 @@ def test_bad_options_and_shapes():
         ("head", "softmax"),
         ("direction", "both"),
         ("reduction", "mean"),
+        ("softmax", "columns"),
     ):
         with pytest.raises(ValueError, match=rf"^Unknown {name}='{value}'; expected one of \("):
             GradCAMFitLoss(**{name: value})

@@ -158,3 +158,36 @@ def test_non_strict_loading_loads_the_matching_part_and_logs_counts(tmp_path, ca
     assert torch.equal(target.fc.weight, init_fc)
     assert f"Loaded {loaded} of {loaded + 15} backbone tensors" in caplog.text
     assert "13 file keys unused, 12 of them in the backbone's modules" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet10t"])
+def test_stem_pool_false_drops_only_the_stem_max_pool(name):
+    """The official BYOL backbone: same weights, no max-pool after the stem, so the last
+    map has twice the resolution; the forward equals a hand-written one without the pool."""
+    torch.manual_seed(0)
+    plain, _ = build_backbone(name)
+    torch.manual_seed(0)
+    no_pool, dim = build_backbone(name, stem_pool=False)
+    state = plain.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in no_pool.state_dict().items())
+    assert isinstance(no_pool.maxpool, torch.nn.Identity)
+    x = torch.randn(2, 3, 64, 64)
+    no_pool.eval()
+    with torch.no_grad():
+        stem = no_pool.conv1(x)
+        stem = (
+            no_pool.act1(no_pool.bn1(stem))
+            if hasattr(no_pool, "act1")
+            else no_pool.relu(no_pool.bn1(stem))
+        )
+        maps = no_pool.layer4(no_pool.layer3(no_pool.layer2(no_pool.layer1(stem))))
+        assert maps.shape[-2:] == (4, 4)  # 2x2 with the stem pool at 64 px
+        torch.testing.assert_close(no_pool(x), maps.mean(dim=(2, 3)))
+    assert dim == maps.shape[1]
+    lcr = with_common_rationale(MoCoV2(backbone=no_pool, batch_size=4, **SMALL["mocov2"]))
+    assert lcr.common_rationale.layer_name == "backbone.layer4"
+
+
+def test_stem_pool_false_is_refused_without_a_stem_max_pool():
+    with pytest.raises(ValueError, match=r"^SmallResNet has no stem max-pool to drop \("):
+        build_backbone(SmallResNet(small_input=True), stem_pool=False)

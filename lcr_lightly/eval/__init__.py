@@ -4,6 +4,7 @@ from lcr_lightly.eval.features import extract_features
 from lcr_lightly.eval.knn import knn_accuracy
 from lcr_lightly.eval.linear import (
     LinearProbeModule,
+    label_subset,
     linear_probe,
     linear_probe_paper,
     stratified_split,
@@ -24,6 +25,7 @@ __all__ = [
     "keypoint_masks",
     "knn_accuracy",
     "l2_normalize",
+    "label_subset",
     "linear_probe",
     "linear_probe_paper",
     "localization_report",

@@ -89,10 +89,12 @@ class LCRConfig:
 
     Every field but ``lcr`` and ``official_loss`` is named after the argument it sets: of
     :class:`~lcr_lightly.losses.GradCAMFitLoss` (``tau``, ``target``, ``head``,
-    ``direction``, ``detach_target``, ``reduction``) or of
+    ``direction``, ``detach_target``, ``reduction``, ``softmax``) or of
     :func:`~lcr_lightly.with_common_rationale` / :class:`~lcr_lightly.CommonRationale`
     (the rest), so :meth:`loss` and :meth:`wrapper_kwargs` pass them on by name.
-    ``official_loss`` replaces the loss fields by ``GradCAMFitLoss.official()``.
+    ``official_loss`` replaces the loss fields by ``GradCAMFitLoss.official(script)``:
+    ``"byol"`` (``true`` means the same, as in configs written before the MoCo preset)
+    or ``"moco"``; ``false`` uses the fields.
     """
 
     lcr: bool = True
@@ -104,7 +106,8 @@ class LCRConfig:
     direction: Literal["forward", "reverse"] = "forward"
     detach_target: bool = True
     reduction: Literal["batchmean", "sum"] = "batchmean"
-    official_loss: bool = False
+    softmax: Literal["map", "rows"] = "map"
+    official_loss: Union[bool, Literal["byol", "moco"]] = False
     detach_features: bool = False
     gradcam_mode: Literal["elementwise", "channel"] = "elementwise"
     views: Literal["all", "first"] = "all"
@@ -115,7 +118,8 @@ class LCRConfig:
     def loss(self) -> GradCAMFitLoss:
         """The configured GradCAMFitLoss."""
         if self.official_loss:
-            return GradCAMFitLoss.official()
+            script = "byol" if self.official_loss is True else str(self.official_loss)
+            return GradCAMFitLoss.official(script)
         return GradCAMFitLoss(**{name: getattr(self, name) for name in LOSS_FIELDS})
 
     def wrapper_kwargs(self) -> Dict[str, Any]:
@@ -145,6 +149,10 @@ class ExperimentConfig(LCRConfig):
     held out of SSL training too), for choosing recipes without touching the test split.
     ``ema_momentum`` sets the momentum encoder's EMA momentum (MoCo v2's key encoder;
     BYOL's value at step 0 of its cosine schedule to 1); None keeps the method's default.
+    ``stem_pool: false`` drops a ResNet backbone's stem max-pool (the official BYOL
+    backbone: a 14x14 last map at 224 px). ``label_fractions`` lists the fractions of
+    the training labels (stratified, seeded with ``data_seed``) that linear probes are
+    trained on besides all of them (the paper's Table 2: 1.0 0.5 0.2).
     ``checkpoint_every: N`` keeps a checkpoint every N epochs besides
     ``checkpoints/last.ckpt`` (0: only the last). With ``eval_split: val`` training also
     scores validation retrieval every epoch (:class:`~lcr_lightly.callbacks.RetrievalMonitor`),
@@ -161,6 +169,7 @@ class ExperimentConfig(LCRConfig):
     backbone: str = "small_resnet"
     widths: List[PositiveInt] = field(default_factory=lambda: [16, 32, 64, 128])
     weights: Optional[str] = None
+    stem_pool: bool = True
     # data
     dataset: Literal["synthetic", "cub", "cars", "aircraft", "cifar100", "imagefolder"] = (
         "synthetic"
@@ -171,6 +180,7 @@ class ExperimentConfig(LCRConfig):
     images_per_class: PositiveInt = 40
     test_images_per_class: PositiveInt = 20
     eval_split: Literal["test", "val"] = "test"
+    label_fractions: List[ScaleFloat] = field(default_factory=lambda: [1.0])
     data_seed: Seed = 0
     min_scale: ScaleFloat = 0.2
     # optimisation

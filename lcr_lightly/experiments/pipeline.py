@@ -228,6 +228,8 @@ def make_model(cfg: ExperimentConfig, num_classes: Optional[int] = None) -> pl.L
         lr=cfg.lr,
         warmup_epochs=cfg.warmup_epochs,
     )
+    if not cfg.stem_pool:  # only passed when set: a module built by name keeps its default
+        kwargs["stem_pool"] = False
     small = cfg.backbone == "small_resnet"
     if cfg.method == "mocov2":
         kwargs["memory_bank_size"] = cfg.memory_bank_size
@@ -239,7 +241,12 @@ def make_model(cfg: ExperimentConfig, num_classes: Optional[int] = None) -> pl.L
             kwargs.update(hidden_dim=dim, out_dim=128)
         else:
             kwargs.update(proj_dim=dim, pred_hidden_dim=dim // 4)
-    model = METHODS[cfg.method](**kwargs)
+    try:
+        model = METHODS[cfg.method](**kwargs)
+    except ValueError as err:
+        if cfg.stem_pool:
+            raise
+        raise ConfigError(f"stem_pool: {err}") from None
     if cfg.lcr:
         model = with_common_rationale(model, **cfg.wrapper_kwargs())
     return model
@@ -463,13 +470,31 @@ def evaluate(
     for pooling in poolings:
         row = retrieval_metrics(test[pooling], test["labels"])
         row["knn"] = knn_accuracy(train[pooling], train["labels"], test[pooling], test["labels"])
-        row["linear"] = linear_probe(
-            train[pooling], train["labels"], test[pooling], test["labels"]
-        )["top1"]
+        row.update(linear_rows(train[pooling], train["labels"], test[pooling], test["labels"], cfg))
         results[pooling] = row
     if data.masks:  # test batches are (image, label, object mask, part mask)
         results["localization"] = localize(test, test["extra0"], test["extra1"])
     return results
+
+
+def linear_rows(
+    train: Tensor, train_labels: Tensor, test: Tensor, test_labels: Tensor, cfg: ExperimentConfig
+) -> Dict[str, float]:
+    """Linear top-1/top-5 on all training labels and on each of ``cfg.label_fractions``.
+
+    Returns:
+        ``linear``, ``linear_top5`` (all labels) and ``linear_P``, ``linear_top5_P`` for
+        each fraction P % below 100.
+    """
+    out: Dict[str, float] = {}
+    for fraction in sorted({1.0, *cfg.label_fractions}, reverse=True):
+        probe = linear_probe(
+            train, train_labels, test, test_labels, label_fraction=fraction, seed=cfg.data_seed
+        )
+        suffix = "" if fraction == 1.0 else f"_{round(100 * fraction):d}"
+        out[f"linear{suffix}"] = probe["top1"]
+        out[f"linear_top5{suffix}"] = probe["top5"]
+    return out
 
 
 def localize(features: Dict[str, Tensor], objects: Tensor, parts: Tensor) -> Dict[str, float]:

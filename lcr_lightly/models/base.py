@@ -54,6 +54,8 @@ class SSLModule(LightningModule):
         lr: Base learning rate for a global batch of 256; the method's default if None.
         weight_decay: Weight decay; the method's default if None.
         warmup_epochs: Linear warm-up epochs of the cosine schedule.
+        stem_pool: False drops a ResNet backbone's stem max-pool (the official BYOL
+            backbone, see :func:`~lcr_lightly.models.backbones.drop_stem_pool`).
     """
 
     default_lr: float = 0.03
@@ -69,6 +71,7 @@ class SSLModule(LightningModule):
         lr: Optional[float] = None,
         weight_decay: Optional[float] = None,
         warmup_epochs: float = 0.0,
+        stem_pool: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else [])
@@ -76,7 +79,7 @@ class SSLModule(LightningModule):
         self.lr = self.default_lr if lr is None else lr
         self.weight_decay = self.default_weight_decay if weight_decay is None else weight_decay
         self.warmup_epochs = warmup_epochs
-        self.backbone, self.feature_dim = build_backbone(backbone, weights)
+        self.backbone, self.feature_dim = build_backbone(backbone, weights, stem_pool=stem_pool)
         self.online_classifier: Optional[OnlineLinearClassifier] = None
         if num_classes is not None:
             self.online_classifier = OnlineLinearClassifier(

@@ -5,7 +5,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lcr_lightly.eval import knn_accuracy, linear_probe, stratified_split
+from lcr_lightly.eval import knn_accuracy, label_subset, linear_probe, stratified_split
 
 
 @pytest.mark.parametrize("chunk_size", [1024, 3])
@@ -127,3 +127,36 @@ def test_nan_features_are_refused():
         linear_probe(bad_train, [0, 0, 1, 1], test, [0, 1], steps=2)
     with pytest.raises(ValueError, match="test_features has 2 of 2 rows"):
         linear_probe(train, [0, 0, 1, 1], bad_test, [0, 1], steps=2)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.2])
+def test_label_subset_is_stratified_and_seeded(fraction):
+    labels = np.repeat(np.arange(4), [10, 5, 3, 1])
+    kept = label_subset(labels, fraction, seed=0)
+    for c, n in enumerate([10, 5, 3, 1]):
+        assert (labels[kept] == c).sum() == max(1, round(fraction * n))
+    assert np.array_equal(kept, label_subset(labels, fraction, seed=0))
+    assert len(np.unique(kept)) == len(kept) and np.all(np.diff(kept) > 0)
+    if fraction < 1:
+        assert not np.array_equal(kept, label_subset(labels, fraction, seed=1))
+
+
+def test_label_subset_refuses_a_bad_fraction():
+    for bad in (0.0, 1.5, -0.2):
+        with pytest.raises(ValueError, match=r"^label fraction must be in \(0, 1\]"):
+            label_subset(np.arange(4), bad)
+
+
+def test_linear_probe_top5_and_label_fraction():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(8, 16)) * 4
+    y = np.repeat(np.arange(8), 20)
+    x = centers[y] + rng.normal(size=(160, 16))
+    out = linear_probe(x, y, x, y, label_fraction=0.2)
+    assert out["top1"] > 0.9 and out["top5"] >= out["top1"]
+    # a probe trained on the kept labels only: the same as training on that subset
+    kept = label_subset(y, 0.2, seed=0)
+    assert out["top1"] == linear_probe(x[kept], y[kept], x, y)["top1"]
+    # with at most 5 classes, top-5 is always right
+    three = linear_probe(x[y < 3], y[y < 3], x[y < 3], y[y < 3])
+    assert three["top5"] == 1.0

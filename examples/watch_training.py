@@ -8,9 +8,9 @@ validation rationale-pooling mAP. Afterwards the TensorBoard file is read back t
 the curves (GAP vs rationale vs feature-norm pooling per epoch) and to save the last
 map figure.
 
-    nice python examples/watch_training.py --figures docs   # ~3 min on 2 CPU cores
-    python examples/watch_training.py --tiny                # seconds (used by the tests)
-    tensorboard --logdir outputs/watch_training             # the same, live
+    OMP_NUM_THREADS=1 nice python examples/watch_training.py --figures docs  # ~3.5 CPU min
+    python examples/watch_training.py --tiny        # seconds (used by the tests)
+    tensorboard --logdir outputs/watch_training     # the same, live
 """
 
 import argparse

@@ -10,6 +10,7 @@ Example:
 
 from typing import TYPE_CHECKING, Any
 
+from lcr_lightly.callbacks import RationaleMaps, RetrievalMonitor
 from lcr_lightly.capture import FeatureCapture
 from lcr_lightly.gradcam import gradcam
 from lcr_lightly.heads import CommonRationaleHead
@@ -39,6 +40,8 @@ __all__ = [
     "FeaturePath",
     "FeatureCapture",
     "GradCAMFitLoss",
+    "RationaleMaps",
+    "RetrievalMonitor",
     "attach",
     "count_hooks",
     "find_feature_layer",

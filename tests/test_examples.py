@@ -18,4 +18,9 @@ def test_example_trains_the_head_on_tiny_data(path):
 
 
 def test_all_examples_are_collected():
-    assert {p.stem for p in EXAMPLES} == {"lightly_lightning", "plain_pytorch", "solo_learn_style"}
+    assert {p.stem for p in EXAMPLES} == {
+        "lightly_lightning",
+        "plain_pytorch",
+        "solo_learn_style",
+        "watch_training",
+    }

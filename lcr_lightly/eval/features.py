@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lcr_lightly.capture import FeatureCapture
+from lcr_lightly.capture import FeatureCapture, Reshape
 from lcr_lightly.layers import find_feature_layer
 from lcr_lightly.pooling import POOLING_MODES, norm_pool
 from lcr_lightly.rationale import CommonRationale
@@ -45,6 +45,52 @@ class PoolInputs:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+class LayerOutputs:
+    """Records the output of every call of the given layers (forward hooks), as maps.
+
+    For ViTs, which pool tokens functionally: the token layer of the online encoder and
+    of its momentum/teacher copies, so that a ``forward`` evaluating the teacher (lightly's
+    DINO) is tapped as well.
+
+    Args:
+        layers: The layers.
+        reshape: Turns a layer output into a (B, C, H, W) map (ViT tokens), or None.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], reshape: Optional[Reshape]) -> None:
+        self.maps: List[Tensor] = []
+        self.reshape = reshape
+        self._handles = [layer.register_forward_hook(self._record) for layer in layers]
+
+    def _record(self, module: nn.Module, args: Any, output: Any) -> None:
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if isinstance(out, Tensor):
+            fmap = self.reshape(out) if self.reshape is not None else out
+            if fmap.dim() == 4:
+                self.maps.append(fmap)
+
+    def clear(self) -> None:
+        """Drops the recorded maps."""
+        self.maps = []
+
+    def release(self) -> None:
+        """Removes the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _token_layers(model: nn.Module, lcr: CommonRationale) -> List[nn.Module]:
+    """The online layer and the same layer of each momentum/teacher copy (by dotted name)."""
+    modules = dict(model.named_modules())
+    layers = [lcr.capture.layer]
+    for site in lcr.sites[1:]:
+        layer = modules.get(site.layer_name)
+        if layer is not None and all(layer is not seen for seen in layers):
+            layers.append(layer)
+    return layers
 
 
 @torch.no_grad()
@@ -99,19 +145,14 @@ def extract_features(
     was_training = model.training
     model.eval()
     previous = lcr.pooling if lcr is not None else None
-    tap: Optional[Union[FeatureCapture, PoolInputs]] = None
+    tap: Optional[Union[FeatureCapture, PoolInputs, LayerOutputs]] = None
     if lcr is not None:
         lcr.pooling = "gap"
         pools = [site.pooler.module for site in lcr.sites if site.pooler is not None]
         if pools:  # the map a hooked pool consumes, whichever encoder forward runs
             tap = PoolInputs(pools)
-        else:  # token maps (ViTs): no pool module, the online layer's reshaped output
-            tap = FeatureCapture(
-                lcr.capture.layer,
-                reshape=lcr.capture.reshape,
-                training_only=False,
-                require_grad=False,
-            )
+        else:  # token maps (ViTs): no pool module, the token layer's reshaped output
+            tap = LayerOutputs(_token_layers(model, lcr), lcr.capture.reshape)
     elif "norm" in poolings or return_maps:
         backbone = getattr(model, "backbone", model)
         tap = FeatureCapture(

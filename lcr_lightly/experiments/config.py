@@ -181,6 +181,11 @@ class ExperimentConfig(LCRConfig):
     ``label_fractions`` lists the fractions of the training labels (stratified, seeded
     with ``data_seed``) that linear probes are trained on besides all of them (the
     paper's Table 2: 1.0 0.5 0.2).
+    With ``eval_split: val`` training also scores validation retrieval every epoch
+    (:class:`~lcr_lightly.callbacks.RetrievalMonitor`), keeps the epoch with the best
+    ``val/mAP_rationale`` (``val/mAP_gap`` without LCR) as ``checkpoints/best.ckpt``
+    through Lightning's ``ModelCheckpoint`` and ends with its weights, and draws the maps
+    every epoch (:class:`~lcr_lightly.callbacks.RationaleMaps`).
 
     Attributes:
         method: Self-supervised method.
@@ -213,6 +218,7 @@ class ExperimentConfig(LCRConfig):
         accelerator: Lightning accelerator.
         out_dir: Run folder (checkpoints, model.pt, config.yaml, results.json, logs).
         progress: Show progress (a bar on a terminal, periodic lines in a log file).
+        logger: Lightning logger: csv (map figures as PNG files) or tensorboard.
         label_fractions: Fractions of the training labels linear probes also train on.
         checkpoint_every: Keep checkpoints/epochNNN.ckpt every N epochs (0: last.ckpt only).
     """
@@ -255,6 +261,7 @@ class ExperimentConfig(LCRConfig):
     out_dir: str = "outputs/run"
     progress: bool = True
     checkpoint_every: NonNegativeInt = 10
+    logger: Literal["csv", "tensorboard"] = "csv"
 
     def __post_init__(self) -> None:
         values = dataclasses.asdict(self)

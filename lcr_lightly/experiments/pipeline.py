@@ -101,7 +101,7 @@ __all__ = [
 
 CHECKPOINT_DIR = "checkpoints"
 # Fields that may differ between a killed run and its resumption.
-RESUME_FREE = ("out_dir", "progress", "num_workers", "accelerator", "checkpoint_every")
+RESUME_FREE = ("out_dir", "progress", "num_workers", "accelerator", "checkpoint_every", "logger")
 
 
 class EvaluationError(RuntimeError):
@@ -395,14 +395,43 @@ def _checkpoint_callbacks(folder: Path, every: int) -> List[pl.Callback]:
     return [last, ModelCheckpoint(every_n_epochs=every, **periodic, **common)]
 
 
+def _selection_callbacks(cfg: ExperimentConfig, data: DataBundle, folder: Path) -> List[Any]:
+    """Retrieval on ``data.test_eval`` (the validation split), the best epoch's checkpoint, maps."""
+    if cfg.eval_split != "val":  # never select on the test split
+        raise ValueError("checkpoint selection needs eval_split 'val' (never the test split)")
+    import torch
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from lcr_lightly.callbacks import RationaleMaps, RetrievalMonitor
+
+    val: Any = data.test_eval  # the validation split when eval_split is "val"
+    callbacks: List[Any] = [RetrievalMonitor(_loader(val, cfg))]
+    if cfg.lcr:
+        step = max(len(val) // 6, 1)
+        images = torch.stack([val[i * step][0] for i in range(min(6, len(val)))])
+        callbacks.append(RationaleMaps(images, num_images=len(images)))
+    monitor = "val/mAP_rationale" if cfg.lcr else "val/mAP_gap"
+    best = ModelCheckpoint(
+        dirpath=folder, filename="best", monitor=monitor, mode="max", enable_version_counter=False
+    )
+    return [*callbacks, best]
+
+
 def fit(
     cfg: ExperimentConfig,
     model: pl.LightningModule,
     data: DataBundle,
     resume: bool = False,
     checkpoint: Optional[Path] = None,
+    select: bool = False,
 ) -> pl.LightningModule:
-    """Trains a model with a Lightning Trainer (CSV log of losses and learning rate).
+    """Trains a model with a Lightning Trainer (CSV or TensorBoard log, ``cfg.logger``).
+
+    With ``select`` (``cfg.eval_split`` must be ``"val"`` and ``data`` made from it) it
+    also scores retrieval on the validation split and draws the maps every epoch, and
+    ends with the weights of the epoch whose validation mAP (rationale pooling with LCR,
+    else GAP) was highest, ``checkpoints/best.ckpt``, kept by Lightning's
+    ``ModelCheckpoint``.
 
     Checkpoints go to ``<out_dir>/checkpoints`` (see the module docstring). Every epoch
     is seeded from ``(cfg.seed, epoch)`` (:class:`EpochSeededLoader`), so a resumed run
@@ -416,9 +445,10 @@ def fit(
             epoch); otherwise checkpoints of an earlier run in ``out_dir`` are deleted.
         checkpoint: With ``resume``, continue from this file instead (e.g. an intact
             ``epochNNN.ckpt`` beside a damaged ``last.ckpt``).
+        select: Select the checkpoint on validation retrieval (see above).
 
     Returns:
-        The trained model.
+        The trained model (with ``select``, the selected epoch's weights).
 
     Raises:
         TrainingInterrupted: On SIGTERM, after saving ``checkpoints/interrupted.ckpt``.
@@ -427,7 +457,7 @@ def fit(
         CheckpointError: If the checkpoint to resume is missing or unreadable.
     """
     from pytorch_lightning.callbacks import LearningRateMonitor
-    from pytorch_lightning.loggers import CSVLogger
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
     check_steps(cfg, data)
     folder = Path(cfg.out_dir) / CHECKPOINT_DIR
@@ -449,16 +479,20 @@ def fit(
     # on a terminal Lightning's bar; in a log file (CI, nohup, a cluster) whole lines
     log_lines = cfg.progress and not sys.stdout.isatty()
     progress = [LogProgress(cfg.batch_size * cfg.devices)] if log_lines else []
+    selection = _selection_callbacks(cfg, data, folder) if select else []
     with quiet_lightning():  # the Trainer prints a tip when it is built
         trainer = pl.Trainer(
             max_epochs=cfg.epochs,
             accelerator=cfg.accelerator,
             devices=cfg.devices,
             precision=cfg.precision,
-            logger=CSVLogger(cfg.out_dir, name="logs"),
+            logger=(TensorBoardLogger if cfg.logger == "tensorboard" else CSVLogger)(
+                cfg.out_dir, name="logs"
+            ),
             callbacks=[
                 LearningRateMonitor(logging_interval="step"),
                 ConfigInCheckpoint(cfg.to_dict()),
+                *selection,
                 *_checkpoint_callbacks(folder, cfg.checkpoint_every),
                 SigtermCheckpoint(folder),
                 *progress,
@@ -489,6 +523,9 @@ def fit(
             f"lcr-lightly pretrain --out-dir {shlex.quote(str(cfg.out_dir))} --resume",
             saved_at,
         ) from None
+    best = selection[-1].best_model_path if selection else ""
+    if best:  # end with the epoch selected on validation retrieval
+        model.load_state_dict(read_checkpoint(best).state_dict)
     return model
 
 
@@ -614,7 +651,14 @@ def run(
     print(f"{cfg.backbone}: {initialisation(cfg)}", flush=True)  # never a silent random init
     start = time.time()
     if cfg.epochs > 0:
-        fit(cfg, model, data, resume=resume, checkpoint=checkpoint)
+        fit(
+            cfg,
+            model,
+            data,
+            resume=resume,
+            checkpoint=checkpoint,
+            select=cfg.eval_split == "val",
+        )
     elapsed = time.time() - start
     out_dir = save_run(cfg, model)
     try:

@@ -53,3 +53,34 @@ def test_features_are_extracted_without_autograd():
         model, DataLoader(TensorDataset(x, torch.arange(4))), ("gap", "rationale"), progress=False
     )
     assert not feats["gap"].requires_grad and not feats["rationale"].requires_grad
+
+
+def test_a_vit_dino_forward_runs_the_teacher_whose_tokens_are_pooled():
+    from tests.test_clients import DINOViTClient, multi_crop_batch, train_steps
+
+    torch.manual_seed(0)
+    model = with_common_rationale(DINOViTClient(), k=4)
+    batch = multi_crop_batch()
+    train_steps(model, batch, steps=1)  # the step decides: the student is online
+    lcr = model.common_rationale
+    assert lcr.layer_name == "student_backbone.vit.blocks.0"
+    x = batch[0][0]
+    feats = extract_features(
+        model,
+        DataLoader(TensorDataset(x, torch.arange(len(x))), batch_size=len(x)),
+        ("gap", "rationale", "norm"),
+        return_maps=True,
+        progress=False,
+    )
+    tokens = []  # the teacher's tokens at the same block, by the test's own hook
+    handle = model.backbone.vit.blocks[0].register_forward_hook(lambda m, a, o: tokens.append(o))
+    model.eval()
+    with torch.no_grad():
+        gap = model(x)
+    handle.remove()
+    assert len(tokens) == 1
+    t = tokens[0][:, 1:]  # drop the class token: 4x4 patches of 32 channels
+    fmap = t.transpose(1, 2).reshape(len(x), 32, 4, 4)
+    torch.testing.assert_close(feats["gap"], gap)
+    torch.testing.assert_close(feats["rationale"], lcr.head.pool(fmap))
+    torch.testing.assert_close(feats["norm_map"], fmap.norm(dim=1))

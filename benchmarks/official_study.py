@@ -133,7 +133,11 @@ def main(argv: Sequence[str] = ()) -> None:
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--set", nargs="*", default=[], help="key=value overrides")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--only", nargs="+", default=None, help="run only these rows")
     args = parser.parse_args(list(argv) or None)
+    if args.only:  # e.g. to spread the rows of one seed over processes
+        for method in args.methods:
+            VARIANTS[method] = {k: v for k, v in VARIANTS[method].items() if k in args.only}
     values = yaml.safe_load(args.config.read_text())
     values.update({k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)})
     base = ExperimentConfig.from_dict({**values, "progress": False})

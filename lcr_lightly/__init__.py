@@ -7,6 +7,8 @@ Example:
 """
 
 from lcr_lightly.capture import FeatureCapture
+from lcr_lightly.export import Embedder, export_embedder, load_embedder, save_embedder
+from lcr_lightly.gallery import Gallery, build_gallery
 from lcr_lightly.gradcam import gradcam
 from lcr_lightly.heads import CommonRationaleHead
 from lcr_lightly.hooks import count_hooks, remove_hooks
@@ -28,20 +30,26 @@ __version__ = "0.1.0"
 __all__ = [
     "CommonRationale",
     "CommonRationaleHead",
+    "Embedder",
+    "Gallery",
     "StepRecord",
     "FeaturePath",
     "FeatureCapture",
     "GradCAMFitLoss",
     "attach",
+    "build_gallery",
     "count_hooks",
+    "export_embedder",
     "find_feature_layer",
     "find_feature_path",
     "find_global_pool",
     "gradcam",
+    "load_embedder",
     "minmax_normalize",
     "norm_pool",
     "release",
     "remove_hooks",
+    "save_embedder",
     "resolve_layer",
     "set_pooling",
     "tokens_to_map",

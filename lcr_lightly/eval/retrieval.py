@@ -30,7 +30,7 @@ list (``mAP@search_k``), with the same tie rule inside the list.
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -172,15 +172,44 @@ def _exact(x: np.ndarray, y: np.ndarray, ks: Sequence[int], chunk_size: int) -> 
     return _summary(hits, ap_sum, ap_count, n, ks)
 
 
+HNSW_DEFAULTS = {"M": 32, "ef_construction": 200, "ef_search": 128}
+
+
+def hnsw_index(
+    features: np.ndarray,
+    m: int = 32,
+    ef_construction: Optional[int] = None,
+    ef_search: Optional[int] = None,
+) -> Any:
+    """A faiss HNSW inner-product index over L2-normalised rows (cosine similarity).
+
+    Args:
+        features: (N, D) float32 rows, L2-normalised.
+        m: Neighbours per node of the graph.
+        ef_construction: Candidate list size while building (faiss's default when None).
+        ef_search: Candidate list size while searching (faiss's default when None;
+            faiss searches at least k).
+
+    Returns:
+        The built ``faiss.IndexHNSWFlat``.
+    """
+    import faiss
+
+    index = faiss.IndexHNSWFlat(features.shape[1], int(m), faiss.METRIC_INNER_PRODUCT)
+    if ef_construction is not None:
+        index.hnsw.efConstruction = int(ef_construction)
+    if ef_search is not None:
+        index.hnsw.efSearch = int(ef_search)
+    index.add(np.ascontiguousarray(features, dtype=np.float32))
+    return index
+
+
 def _approximate(
     x: np.ndarray, y: np.ndarray, ks: Sequence[int], search_k: int
 ) -> Dict[str, float]:
-    import faiss
-
-    n, d = x.shape
+    n = x.shape[0]
     k = min(max(search_k, max(ks)) + 1, n)
-    index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-    index.add(x)
+    index = hnsw_index(x, 32)
     sims, ids = index.search(x, k)
     hits = {kk: 0 for kk in ks}
     ap_sum, ap_count = 0.0, 0

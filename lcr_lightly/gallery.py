@@ -17,7 +17,6 @@ measures both from 10^3 to 10^6 items.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +28,10 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lcr_lightly.data.unlabeled import list_images, read_image
 from lcr_lightly.eval.retrieval import HNSW_DEFAULTS, hnsw_index, l2_normalize
 from lcr_lightly.experiments.atomic import atomic_path
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 # Up to this many items an exact inner-product search answers a query in a few ms on
 # 2 CPU cores (benchmarks/embed_speed.py); beyond, HNSW.
 EXACT_LIMIT = 100_000
@@ -40,43 +39,6 @@ GALLERY_FORMAT = "lcr-lightly-gallery-1"
 
 Embed = Callable[[Tensor], Tensor]
 Transform = Callable[[Image.Image], Tensor]
-
-
-def list_images(root: Any) -> List[str]:
-    """Image files under a folder, recursively, as sorted root-relative POSIX paths.
-
-    Hidden files and folders (names starting with ``.``) are skipped.
-
-    Args:
-        root: The folder.
-
-    Returns:
-        The relative paths.
-
-    Raises:
-        FileNotFoundError: If ``root`` is not a folder.
-    """
-    base = Path(root)
-    if not base.is_dir():
-        raise FileNotFoundError(f"no image folder at {base}")
-    found = []
-    for folder, dirs, files in os.walk(base):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):
-                found.append((Path(folder) / name).relative_to(base).as_posix())
-    return sorted(found)
-
-
-def read_image(path: Any) -> Image.Image:
-    """Opens an image fully decoded as RGB (a truncated file raises here, not later).
-
-    Raises:
-        OSError: If the file cannot be decoded (PIL's ``UnidentifiedImageError`` too).
-    """
-    with Image.open(path) as image:
-        image.load()
-        return image.convert("RGB")
 
 
 class SearchResult(NamedTuple):

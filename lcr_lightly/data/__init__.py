@@ -13,12 +13,14 @@ from lcr_lightly.data.fgvc import (
 )
 from lcr_lightly.data.synthetic import SyntheticFineGrained, fine_grained_classes
 from lcr_lightly.data.transforms import eval_geometry, eval_transform, ssl_transform
+from lcr_lightly.data.unlabeled import UnlabeledFolder, list_images
 
 __all__ = [
     "CUB200",
     "CUBLocalization",
     "DatasetNotFoundError",
     "SyntheticFineGrained",
+    "UnlabeledFolder",
     "cifar100",
     "eval_geometry",
     "eval_transform",
@@ -26,6 +28,7 @@ __all__ = [
     "fgvc_aircraft",
     "fine_grained_classes",
     "image_folder",
+    "list_images",
     "resolve_root",
     "ssl_transform",
     "stanford_cars",

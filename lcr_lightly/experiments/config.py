@@ -63,7 +63,7 @@ else:
         "Seed", int, [(">=", 0), ("<", 2**32)], docstring="int in [0, 2**32)"
     )
 
-DATASETS = ("synthetic", "cub", "cars", "aircraft", "cifar100", "imagefolder")
+DATASETS = ("synthetic", "cub", "cars", "aircraft", "cifar100", "imagefolder", "folder")
 
 DESCRIPTIONS: Dict[Any, str] = {
     PositiveInt: "an integer > 0",
@@ -146,7 +146,10 @@ class ExperimentConfig(LCRConfig):
     ``ema_momentum`` sets the momentum encoder's EMA momentum (MoCo v2's key encoder;
     BYOL's value at step 0 of its cosine schedule to 1); None keeps the method's default.
     ``checkpoint_every: N`` keeps a checkpoint every N epochs besides
-    ``checkpoints/last.ckpt`` (0: only the last).
+    ``checkpoints/last.ckpt`` (0: only the last). ``dataset: folder`` pretrains on every
+    image under ``data_root`` without labels (:class:`~lcr_lightly.data.UnlabeledFolder`);
+    the evaluation then uses ``eval_root`` (``train/`` and ``test/`` class folders) or is
+    skipped.
     """
 
     # method
@@ -156,10 +159,11 @@ class ExperimentConfig(LCRConfig):
     widths: List[PositiveInt] = field(default_factory=lambda: [16, 32, 64, 128])
     weights: Optional[str] = None
     # data
-    dataset: Literal["synthetic", "cub", "cars", "aircraft", "cifar100", "imagefolder"] = (
-        "synthetic"
-    )
+    dataset: Literal[
+        "synthetic", "cub", "cars", "aircraft", "cifar100", "imagefolder", "folder"
+    ] = "synthetic"
     data_root: Optional[str] = None
+    eval_root: Optional[str] = None
     image_size: PositiveInt = 64
     num_classes: PositiveInt = 10
     images_per_class: PositiveInt = 40
@@ -218,6 +222,10 @@ class ExperimentConfig(LCRConfig):
             raise ConfigError(
                 f"ema_momentum: {self.method} has no momentum encoder; ema_momentum applies "
                 "to mocov2 (key encoder) and byol (start of its cosine schedule)."
+            )
+        if self.dataset == "folder" and self.data_root is None:
+            raise ConfigError(
+                "data_root: dataset 'folder' needs data_root, a folder of images (any depth)."
             )
         if self.dataset == "imagefolder" and self.data_root is None:
             raise ConfigError(

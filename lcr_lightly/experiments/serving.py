@@ -187,7 +187,7 @@ def cmd_export(args: Namespace) -> None:
 
 
 def _query_paths(query: Path) -> Tuple[Path, List[str]]:
-    from lcr_lightly.gallery import list_images
+    from lcr_lightly.data.unlabeled import list_images
 
     if query.is_dir():
         found = list_images(query)
@@ -243,7 +243,8 @@ def cmd_embed(args: Namespace) -> None:
 
 def cmd_search(args: Namespace) -> None:
     """``lcr-lightly search``."""
-    from lcr_lightly.gallery import Gallery, read_image, search_figure
+    from lcr_lightly.data.unlabeled import read_image
+    from lcr_lightly.gallery import Gallery, search_figure
 
     try:
         gallery = Gallery.load(args.gallery)

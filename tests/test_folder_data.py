@@ -61,8 +61,9 @@ def test_pretrain_on_an_unlabeled_folder_skips_evaluation_or_uses_eval_root(
     _write(
         labelled, [f"{s}/{c}/{i}.png" for s in ("train", "test") for c in "ab" for i in range(3)]
     )
+    run2 = ["--eval-root", str(labelled), "--out-dir", str(tmp_path / "run2")]
     main(["pretrain", "--dataset", "folder", "--data-root", str(images), "--epochs", "0"]
-         + ["--eval-root", str(labelled)] + FLAGS + ["--out-dir", str(tmp_path / "run2")])  # fmt: skip
+         + FLAGS + run2)  # fmt: skip
     results = json.loads((tmp_path / "run2" / "results.json").read_text())["results"]
     assert set(results["rationale"]) >= {"rank1", "mAP", "knn", "linear"}
 

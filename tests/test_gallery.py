@@ -211,3 +211,20 @@ def test_list_images_is_recursive_sorted_and_skips_hidden(tmp_path: Path) -> Non
     assert list_images(tmp_path) == ["a/b.JPG", "z.png"]
     with pytest.raises(FileNotFoundError):
         list_images(tmp_path / "missing")
+
+
+def test_embed_speed_script_prints_both_tables() -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run(
+        [sys.executable, str(root / "benchmarks/embed_speed.py"), "--backbone", "small_resnet"]
+        + ["--image-size", "32", "--batch-size", "4", "--repeats", "1", "--no-compile"]
+        + ["--sizes", "500", "--dim", "16", "--queries", "50"],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "| exported (eager) |" in res.stdout and "| hooked model(x) |" in res.stdout
+    assert "| 500 |" in res.stdout

@@ -57,32 +57,28 @@ def embedding(args: argparse.Namespace) -> None:
     with torch.no_grad():
         compiled(x)
     compile_s = time.perf_counter() - start
-    onnx_file = Path(tempfile.mkdtemp()) / "embedder.onnx"
-    save_embedder(embedder, onnx_file, "onnx")
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = onnxruntime.InferenceSession(
-        str(onnx_file), options, providers=["CPUExecutionProvider"]
-    )
-    feed = {"images": x.numpy()}
     runs: Dict[str, Callable[[], object]] = {
         "hooked model(x)": lambda: model(x),
         "exported (eager)": lambda: embedder(x),
-        "exported + torch.compile": lambda: compiled(x),
-        "exported ONNX (onnxruntime)": lambda: session.run(None, feed),
     }
-    if not args.compile:
-        del runs["exported + torch.compile"]
+    if args.compile:
+        runs["exported + torch.compile"] = lambda: compiled(x)
+    if args.onnx:
+        onnx_file = Path(tempfile.mkdtemp()) / "embedder.onnx"
+        save_embedder(embedder, onnx_file, "onnx")
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = onnxruntime.InferenceSession(
+            str(onnx_file), options, providers=["CPUExecutionProvider"]
+        )
+        feed = {"images": x.numpy()}
+        runs["exported ONNX (onnxruntime)"] = lambda: torch.from_numpy(session.run(None, feed)[0])
     with torch.no_grad():
         reference = model(x)
         diffs = {
-            "exported (eager)": float((embedder(x) - reference).abs().max()),
-            "exported + torch.compile": float((compiled(x) - reference).abs().max())
-            if args.compile
-            else 0.0,
-            "exported ONNX (onnxruntime)": float(
-                np.abs(session.run(None, feed)[0] - reference.numpy()).max()
-            ),
+            name: float((run() - reference).abs().max())
+            for name, run in runs.items()
+            if name != "hooked model(x)"
         }
         for run in runs.values():  # warm-up
             run()
@@ -173,6 +169,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--skip-embedding", action="store_true")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--no-onnx", dest="onnx", action="store_false")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
     if not args.skip_embedding:

@@ -220,7 +220,7 @@ def test_embed_speed_script_prints_both_tables() -> None:
     root = Path(__file__).resolve().parents[1]
     res = subprocess.run(
         [sys.executable, str(root / "benchmarks/embed_speed.py"), "--backbone", "small_resnet"]
-        + ["--image-size", "32", "--batch-size", "4", "--repeats", "1", "--no-compile"]
+        + ["--image-size", "32", "--batch-size", "4", "--repeats", "1", "--no-compile", "--no-onnx"]
         + ["--sizes", "500", "--dim", "16", "--queries", "50"],
         capture_output=True,
         text=True,

@@ -26,6 +26,7 @@ from lcr_lightly.export import ExportError
 from tests.conftest import tiny_resnet
 from tests.test_clients import (
     DINOClient,
+    DINOViTClient,
     SimSiamClient,
     _features_dim,
     _torchvision_vit,
@@ -284,3 +285,15 @@ def test_export_leaves_the_model_as_it_was() -> None:
     assert model.common_rationale.pooling == "rationale"
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+def test_a_vit_fx_cannot_cut_is_refused_for_rationale_and_exports_gap() -> None:
+    torch.manual_seed(0)
+    model = with_common_rationale(DINOViTClient(), k=4)  # lightly's ViT, dynamic_img_size
+    with pytest.raises(ExportError, match="torch.fx cannot trace"):
+        export_embedder(model, "rationale")
+    gap = export_embedder(model, "gap", normalize=False)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(gap(x), model(x).flatten(1))

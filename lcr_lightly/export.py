@@ -41,6 +41,7 @@ from lcr_lightly.heads import CommonRationaleHead
 from lcr_lightly.hooks import remove_hooks
 from lcr_lightly.pooling import POOLING_MODES
 from lcr_lightly.rationale import CommonRationale
+from lcr_lightly.tokens import tokens_to_map
 from lcr_lightly.tracing import DRY_SIZES, declared_size, input_channels
 
 SUBMODULE = "common_rationale"
@@ -75,16 +76,29 @@ class LayerOutput(nn.Module):
     Args:
         graph: ``create_feature_extractor`` output returning ``{"map": layer output}``.
         reshape: Callable turning the layer output into (B, C, H, W) (ViT tokens), or None.
+        tokens: ``(prefix tokens, grid side)`` when ``reshape`` is
+            :func:`~lcr_lightly.tokens.tokens_to_map`: the same operations with the grid
+            side fixed, so that ``torch.jit.trace`` does not see it computed from a shape.
     """
 
-    def __init__(self, graph: nn.Module, reshape: Optional[Callable[[Tensor], Tensor]]) -> None:
+    def __init__(
+        self,
+        graph: nn.Module,
+        reshape: Optional[Callable[[Tensor], Tensor]],
+        tokens: Optional[Tuple[int, int]] = None,
+    ) -> None:
         super().__init__()
         self.graph = graph
         self.reshape = reshape
+        self.tokens = tokens
 
     def forward(self, images: Tensor) -> Tensor:
         """The feature map (B, C, H, W) of a batch of images."""
         out = self.graph(images)["map"]
+        if self.tokens is not None:
+            prefix, side = self.tokens
+            patches = out[:, prefix:, :]
+            return patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], side, side)
         return self.reshape(out) if self.reshape is not None else out
 
 
@@ -322,6 +336,19 @@ def _cut_after(encoder: nn.Module, layer: str) -> nn.Module:
         ) from None
 
 
+def _layer_output(
+    graph: nn.Module, reshape: Optional[Callable[[Tensor], Tensor]], example: Tensor
+) -> LayerOutput:
+    """The cut encoder with its reshape; a token reshape gets its grid fixed."""
+    func = getattr(reshape, "func", None)  # functools.partial(tokens_to_map, ...)
+    if func is not tokens_to_map or reshape is None:
+        return LayerOutput(graph, reshape)
+    with torch.no_grad():
+        side = int(reshape(graph(example)["map"]).shape[-1])
+    prefix = int(getattr(reshape, "keywords", {}).get("num_prefix_tokens", 1))
+    return LayerOutput(graph, reshape, tokens=(prefix, side))
+
+
 def _build(
     model: nn.Module,
     lcr: Optional[CommonRationale],
@@ -348,7 +375,7 @@ def _build(
             parent, _, attr = pool_name.rpartition(".")
             setattr(encoder.get_submodule(parent), attr, RationalePool(head, keep))
         elif pooling == "rationale":
-            features = LayerOutput(_cut_after(encoder, layer), lcr.capture.reshape)
+            features = _layer_output(_cut_after(encoder, layer), lcr.capture.reshape, example)
             pool = RationalePool(copy.deepcopy(lcr.head).eval(), keepdim=False)
     embedder = Embedder(
         features,

@@ -223,13 +223,18 @@ def test_trace_export_and_compile_keep_the_output_and_a_dynamic_batch() -> None:
         torch.testing.assert_close(compiled(x5), want)
 
 
-def test_vit_token_export_traces_with_torch_export() -> None:
-    model, size, _ = _wrapped("timm/vit(token)")
+@pytest.mark.parametrize("name", ["timm/vit(token)", "torchvision/vit"])
+def test_vit_token_export_traces_exports_and_runs_on_onnxruntime(tmp_path, name: str) -> None:
+    model, size, _ = _wrapped(name)
     embedder = export_embedder(model, "rationale")
-    x = torch.randn(2, 3, size, size)
+    x, x3 = torch.randn(2, 3, size, size), torch.randn(3, 3, size, size)
     with torch.no_grad():
+        want = embedder(x3)
         program = torch.export.export(embedder, (x,))
-        torch.testing.assert_close(program.module()(x), embedder(x))
+        torch.testing.assert_close(program.module()(x3[:2]), want[:2])
+        torch.testing.assert_close(torch.jit.trace(embedder, x)(x3), want)
+    save_embedder(embedder, tmp_path / "vit.onnx", "onnx")
+    torch.testing.assert_close(load_embedder(tmp_path / "vit.onnx")(x3), want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "pt"])

@@ -244,7 +244,8 @@ def build_gallery(
         batch_size: Images per forward.
         num_workers: DataLoader workers decoding images.
         meta: Fields recorded in the gallery (pooling, model, transform); a resumed
-            build requires the same.
+            build requires the same. ``"exact_limit"`` and ``"hnsw"`` (``M``,
+            ``ef_construction``, ``ef_search``) set the index.
         progress: Show a progress bar.
         save_every: Batches between intermediate saves (0: only at the end).
 
@@ -278,7 +279,11 @@ def build_gallery(
         skipped = {p: r for p, r in old.skipped.items() if p in stats}  # retried below
     todo = [p for p in paths if p not in kept]
     gallery = Gallery(str(base), [], np.zeros((0, 0), np.float32), np.zeros((0, 2), np.int64))
-    gallery.meta = {**meta, "exact_limit": EXACT_LIMIT, "hnsw": dict(HNSW_DEFAULTS)}
+    gallery.meta = {  # index settings of meta (e.g. a larger ef_search) override the defaults
+        **meta,
+        "exact_limit": int(meta.get("exact_limit", EXACT_LIMIT)),
+        "hnsw": {**HNSW_DEFAULTS, **meta.get("hnsw", {})},
+    }
 
     def assemble() -> None:
         order = [p for p in paths if p in kept]

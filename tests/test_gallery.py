@@ -228,3 +228,19 @@ def test_embed_speed_script_prints_both_tables() -> None:
     assert res.returncode == 0, res.stderr[-2000:]
     assert "| exported (eager) |" in res.stdout and "| hooked model(x) |" in res.stdout
     assert "| 500 |" in res.stdout
+
+
+def test_gallery_index_settings_come_from_meta(tmp_path: Path) -> None:
+    import faiss
+
+    _write_images(tmp_path / "im", [f"{i}.png" for i in range(6)])
+    meta = {"exact_limit": 3, "hnsw": {"ef_search": 77}}
+    gallery = build_gallery(
+        CountingEmbed(), tmp_path / "im", eval_transform(16, crop=False),
+        out=tmp_path / "g.npz", meta=meta, progress=False,
+    )  # fmt: skip
+    expected = {"type": "hnsw", "M": 32, "ef_construction": 100, "ef_search": 77}
+    assert gallery.index_params == expected
+    loaded = Gallery.load(tmp_path / "g.npz")
+    assert loaded.index_params == gallery.index_params
+    assert isinstance(loaded.index(), faiss.IndexHNSWFlat) and loaded.index().hnsw.efSearch == 77

@@ -179,8 +179,8 @@ def export_embedder(
 
     Args:
         model: A model wrapped with :func:`~lcr_lightly.with_common_rationale` (or an
-            unwrapped SSL model, ``pooling="gap"`` only), or a backbone that
-            :func:`~lcr_lightly.attach` returned ``rationale`` for.
+            unwrapped SSL model or a plain backbone, ``pooling="gap"`` only), or a
+            backbone that :func:`~lcr_lightly.attach` returned ``rationale`` for.
         pooling: ``"rationale"`` or ``"gap"``.
         normalize: L2-normalise the embedding.
         rationale: The :class:`~lcr_lightly.CommonRationale` of a backbone given to
@@ -212,7 +212,11 @@ def export_embedder(
         example = _example(model, size)
         try:
             with torch.no_grad():
-                name = "" if rationale is not None else _evaluated_encoder(model, example)
+                # an SSL model (it has a training step) runs one of its encoders; a
+                # backbone (attach's, or a plain one exported with GAP) is the encoder
+                ssl_model = callable(getattr(model, "training_step", None))
+                whole = rationale is not None or not ssl_model
+                name = "" if whole else _evaluated_encoder(model, example)
         except ExportError:
             raise
         except Exception as err:  # noqa: BLE001 - any failure: try the next size

@@ -269,6 +269,10 @@ def test_refusals_name_the_problem() -> None:
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(gap(x), nn.functional.normalize(plain.eval()(x), dim=1))
+    backbone = _tiny().eval()  # a plain backbone (no training step) is its own encoder
+    with torch.no_grad():
+        want = backbone(x)
+        assert torch.equal(export_embedder(backbone, "gap", normalize=False)(x), want)
 
     class Projected(SimSiamClient):
         def forward(self, x: Tensor) -> Tensor:

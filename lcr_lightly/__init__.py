@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from lcr_lightly.callbacks import RationaleMaps, RetrievalMonitor
 from lcr_lightly.capture import FeatureCapture
+from lcr_lightly.export import Embedder, export_embedder, load_embedder, save_embedder
+from lcr_lightly.gallery import Gallery, build_gallery
 from lcr_lightly.gradcam import gradcam
 from lcr_lightly.heads import CommonRationaleHead
 from lcr_lightly.hooks import count_hooks, remove_hooks
@@ -36,6 +38,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CommonRationale",
     "CommonRationaleHead",
+    "Embedder",
+    "Gallery",
     "StepRecord",
     "FeaturePath",
     "FeatureCapture",
@@ -43,16 +47,20 @@ __all__ = [
     "RationaleMaps",
     "RetrievalMonitor",
     "attach",
+    "build_gallery",
     "count_hooks",
+    "export_embedder",
     "find_feature_layer",
     "find_feature_path",
     "find_global_pool",
     "gradcam",
+    "load_embedder",
     "load_model",
     "minmax_normalize",
     "norm_pool",
     "release",
     "remove_hooks",
+    "save_embedder",
     "resolve_layer",
     "set_pooling",
     "tokens_to_map",

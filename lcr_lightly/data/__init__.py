@@ -15,12 +15,14 @@ from lcr_lightly.data.fgvc import (
 )
 from lcr_lightly.data.synthetic import SyntheticFineGrained, fine_grained_classes
 from lcr_lightly.data.transforms import eval_geometry, eval_transform, ssl_transform
+from lcr_lightly.data.unlabeled import UnlabeledFolder, list_images
 
 __all__ = [
     "CUB200",
     "CUBLocalization",
     "DatasetNotFoundError",
     "SyntheticFineGrained",
+    "UnlabeledFolder",
     "UnreadableImageError",
     "cifar100",
     "eval_geometry",
@@ -29,6 +31,7 @@ __all__ = [
     "fgvc_aircraft",
     "fine_grained_classes",
     "image_folder",
+    "list_images",
     "read_image",
     "resolve_root",
     "ssl_transform",

@@ -20,17 +20,18 @@ while exact duplicates of the query's class score 1.
 
 The exact mode needs every similarity anyway (mAP is over the full ranking of the
 other N - 1 items), so it computes them in one chunked BLAS pass and ranks with
-NumPy's SIMD sort, then ranks every same-class item of a block of queries with a
-single ``searchsorted``; up to 16,384 items the symmetric similarity matrix is built
-from half the products (see ``benchmarks/retrieval_speed.py`` for the timing). For
-galleries too large for that, ``index="hnsw"`` searches an approximate faiss HNSW
-index for the top ``search_k`` items and reports rank-k and mAP over that truncated
-list (``mAP@search_k``), with the same tie rule inside the list.
+NumPy's SIMD sort, then ranks each query's same-class items (sorted, padded to a
+block) with one float32 ``searchsorted`` per query and finds ties among them from
+the sorted runs, never copying a block to float64; up to 16,384 items the symmetric
+similarity matrix is built from half the products (``benchmarks/retrieval_speed.py``
+times it against that product). For galleries too large for that, ``index="hnsw"``
+searches an approximate faiss HNSW index for the top ``search_k`` items and reports
+rank-k and mAP over that truncated list (``mAP@search_k``), with the same tie rule inside the list.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -111,8 +112,8 @@ def retrieval_metrics(
 FULL_MATRIX_LIMIT = 16384  # items; the full float32 similarity matrix then fits in 1 GiB
 
 
-def _similarity_blocks(xt: Tensor, chunk_size: int) -> Iterator[Tuple[int, int, np.ndarray]]:
-    """Row blocks of the cosine similarity matrix, as writable float32 arrays.
+def _similarity_blocks(xt: Tensor, chunk_size: int) -> Iterator[Tuple[int, int, Tensor]]:
+    """Row blocks of the cosine similarity matrix, as writable float32 tensors.
 
     Up to :data:`FULL_MATRIX_LIMIT` items the symmetric matrix is built from its upper
     block-triangle (half the matrix multiplication); beyond, blocks are streamed.
@@ -127,11 +128,11 @@ def _similarity_blocks(xt: Tensor, chunk_size: int) -> Iterator[Tuple[int, int, 
             full[i:, i:stop] = block.T
         for i in range(0, n, chunk_size):
             stop = min(i + chunk_size, n)
-            yield i, stop, full[i:stop].numpy()
+            yield i, stop, full[i:stop]
         return
     for i in range(0, n, chunk_size):
         stop = min(i + chunk_size, n)
-        yield i, stop, (xt[i:stop] @ xt.T).numpy()
+        yield i, stop, xt[i:stop] @ xt.T
 
 
 def _exact(x: np.ndarray, y: np.ndarray, ks: Sequence[int], chunk_size: int) -> Dict[str, float]:
@@ -139,48 +140,86 @@ def _exact(x: np.ndarray, y: np.ndarray, ks: Sequence[int], chunk_size: int) -> 
     xt = torch.from_numpy(x)
     hits = {k: 0 for k in ks}
     ap_sum, ap_count = 0.0, 0
-    for start, stop, sims in _similarity_blocks(xt, chunk_size):
+    for start, stop, block in _similarity_blocks(xt, chunk_size):
+        sims = block.numpy()
         m = stop - start
         rows = np.arange(m)
         sims[rows, rows + start] = -2.0  # the query itself: below every cosine
         rel = y[start:stop, None] == y[None, :]
         rel[rows, rows + start] = False
         counts = rel.sum(axis=1)
-        if not counts.any():
+        most = int(counts.max())
+        if most == 0:
             continue
-        # Rank all same-class items of the chunk with one searchsorted: each row is
-        # shifted into its own range (offset 4 * row, float64 keeps float32 ties exact).
-        offsets = 4.0 * rows
-        ordered = (np.sort(sims, axis=1).astype(np.float64) + offsets[:, None]).ravel()
-        # same-class similarities, sorted per row (rows stay apart thanks to the offsets)
-        values = np.sort(sims[rel].astype(np.float64) + np.repeat(offsets, counts))
+        # Each row's same-class similarities, descending, padded with -inf.
         row_of = np.repeat(rows, counts)
-        ends = np.cumsum(counts)[row_of]
-        # items of the row at least as similar (the query itself is below every cosine)
-        at_least = n - (np.searchsorted(ordered, values, side="left") - row_of * n)
-        same_at_least = ends - np.searchsorted(values, values, side="left")
-        position = ends - np.arange(len(values))  # i: 1 for the row's most similar
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        padded = np.full((m, most), -np.inf, dtype=np.float32)
+        padded[row_of, np.arange(len(row_of)) - first[row_of]] = sims[rel]
+        relevant = np.sort(padded, axis=1)[:, ::-1]
+        ordered = np.sort(sims, axis=1)  # NumPy's SIMD sort
+        # items of the row at least as similar (the query itself is below every cosine):
+        # one searchsorted per row of float32 values, no float64 copy of the block
+        at_least = n - np.stack(
+            [np.searchsorted(o, r, side="left") for o, r in zip(ordered, relevant)]
+        )
+        # same-class items at least as similar: the end of each value's run of ties
+        index = np.arange(most)
+        last = np.ones((m, most), dtype=bool)
+        last[:, :-1] = relevant[:, :-1] != relevant[:, 1:]
+        ends = np.where(last, index, most)
+        same_at_least = np.minimum.accumulate(ends[:, ::-1], axis=1)[:, ::-1] + 1
+        position = index + 1  # i: 1 for the row's most similar
         ranks = position + (at_least - same_at_least)
-        precision = position / ranks
-        valid = counts > 0
-        seg = np.concatenate([[0], np.cumsum(counts)[:-1]])[valid]
-        ap_sum += float((np.add.reduceat(precision, seg) / counts[valid]).sum())
-        ap_count += int(valid.sum())
-        best = np.minimum.reduceat(ranks, seg)
+        valid = position[None, :] <= counts[:, None]
+        precision = np.where(valid, position / ranks, 0.0)
+        scored = counts > 0
+        ap_sum += float((precision.sum(axis=1)[scored] / counts[scored]).sum())
+        ap_count += int(scored.sum())
+        best = ranks[scored, 0]
         for k in ks:
             hits[k] += int((best <= k).sum())
     return _summary(hits, ap_sum, ap_count, n, ks)
 
 
+HNSW_DEFAULTS = {"M": 32, "ef_construction": 100, "ef_search": 256}
+
+
+def hnsw_index(
+    features: np.ndarray,
+    m: int = 32,
+    ef_construction: Optional[int] = None,
+    ef_search: Optional[int] = None,
+) -> Any:
+    """A faiss HNSW inner-product index over L2-normalised rows (cosine similarity).
+
+    Args:
+        features: (N, D) float32 rows, L2-normalised.
+        m: Neighbours per node of the graph.
+        ef_construction: Candidate list size while building (faiss's default when None).
+        ef_search: Candidate list size while searching (faiss's default when None;
+            faiss searches at least k).
+
+    Returns:
+        The built ``faiss.IndexHNSWFlat``.
+    """
+    import faiss
+
+    index = faiss.IndexHNSWFlat(features.shape[1], int(m), faiss.METRIC_INNER_PRODUCT)
+    if ef_construction is not None:
+        index.hnsw.efConstruction = int(ef_construction)
+    if ef_search is not None:
+        index.hnsw.efSearch = int(ef_search)
+    index.add(np.ascontiguousarray(features, dtype=np.float32))
+    return index
+
+
 def _approximate(
     x: np.ndarray, y: np.ndarray, ks: Sequence[int], search_k: int
 ) -> Dict[str, float]:
-    import faiss
-
-    n, d = x.shape
+    n = x.shape[0]
     k = min(max(search_k, max(ks)) + 1, n)
-    index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-    index.add(x)
+    index = hnsw_index(x, 32)
     sims, ids = index.search(x, k)
     hits = {kk: 0 for kk in ks}
     ap_sum, ap_count = 0.0, 0

@@ -1,5 +1,7 @@
 """Command-line interface: ``lcr-lightly {demo,pretrain,evaluate,visualize,init,export-synthetic}``.
 
+``export``, ``embed`` and ``search`` come from :mod:`lcr_lightly.experiments.serving`.
+
 Every experiment flag is a field of :class:`~lcr_lightly.experiments.pipeline.ExperimentConfig`,
 typed and parsed by jsonargparse, with one line of ``--help`` each (the config's field
 docstrings); ``--config file.yaml`` (or a shipped config's name, ``--config
@@ -43,6 +45,9 @@ from lcr_lightly.experiments.config import (
     shipped_configs,
 )
 from lcr_lightly.experiments.generic_init import INIT_SETTINGS
+from lcr_lightly.experiments.serving import COMMANDS as SERVING_COMMANDS
+from lcr_lightly.experiments.serving import ServingError
+from lcr_lightly.experiments.serving import add_commands as add_serving_commands
 from lcr_lightly.models.pretrained import MissingExtraError
 
 # Files a pretraining run writes into its --out-dir (removed by --overwrite).
@@ -180,6 +185,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--image-size", dest="image_size", type=PositiveInt, default=64)
     p.add_argument("--seed", type=Seed, default=0)
     sub.add_subcommand("export-synthetic", p, help="Write the synthetic set in CUB layout.")
+    add_serving_commands(sub, _parser)
     return parser
 
 
@@ -448,7 +454,8 @@ def _run(argv: Optional[List[str]]) -> None:
     args, cfg = parse(argv)
     command, sub = args.command, args[args.command]
     if cfg is None:
-        {"demo": _cmd_demo, "init": _cmd_init, "export-synthetic": _cmd_export}[command](sub)
+        commands = {"demo": _cmd_demo, "init": _cmd_init, "export-synthetic": _cmd_export}
+        {**commands, **SERVING_COMMANDS}[command](sub)
         return
     if sub.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
@@ -462,7 +469,14 @@ def _run(argv: Optional[List[str]]) -> None:
 SIGTERM_EXIT = 143
 
 # User errors: one line on stderr, exit code 2. Anything else is a bug and tracebacks.
-USER_ERRORS = (ConfigError, CheckpointError, DatasetNotFoundError, UsageError, MissingExtraError)
+USER_ERRORS = (
+    ConfigError,
+    CheckpointError,
+    DatasetNotFoundError,
+    UsageError,
+    MissingExtraError,
+    ServingError,
+)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -64,7 +64,7 @@ else:
         "Seed", int, [(">=", 0), ("<", 2**32)], docstring="int in [0, 2**32)"
     )
 
-DATASETS = ("synthetic", "cub", "cars", "aircraft", "cifar100", "imagefolder")
+DATASETS = ("synthetic", "cub", "cars", "aircraft", "cifar100", "imagefolder", "folder")
 
 # ``weights: generic_init``: the synthetic generic-set init that ships in the package
 # (lcr_lightly/assets), for small_resnet with these widths.
@@ -185,7 +185,10 @@ class ExperimentConfig(LCRConfig):
     (:class:`~lcr_lightly.callbacks.RetrievalMonitor`), keeps the epoch with the best
     ``val/mAP_rationale`` (``val/mAP_gap`` without LCR) as ``checkpoints/best.ckpt``
     through Lightning's ``ModelCheckpoint`` and ends with its weights, and draws the maps
-    every epoch (:class:`~lcr_lightly.callbacks.RationaleMaps`).
+    every epoch (:class:`~lcr_lightly.callbacks.RationaleMaps`). ``dataset: folder``
+    pretrains on every image under ``data_root`` without labels
+    (:class:`~lcr_lightly.data.UnlabeledFolder`); the evaluation then uses ``eval_root``
+    (``train/`` and ``test/`` class folders) or is skipped.
 
     Attributes:
         method: Self-supervised method.
@@ -198,6 +201,8 @@ class ExperimentConfig(LCRConfig):
             16 32 64 128) or a local state-dict file.
         dataset: Data set; see "data sets" below for each one's folder layout.
         data_root: Folder of the data set (see "data sets" below); not for synthetic.
+        eval_root: dataset folder only: a labelled folder (train/ and test/ class folders)
+            to evaluate on; null skips the evaluation.
         image_size: Training and evaluation image size in pixels.
         num_classes: Synthetic set: number of classes.
         images_per_class: Synthetic set: training images per class.
@@ -231,10 +236,11 @@ class ExperimentConfig(LCRConfig):
     weights: Optional[str] = None
     stem_pool: bool = True
     # data
-    dataset: Literal["synthetic", "cub", "cars", "aircraft", "cifar100", "imagefolder"] = (
-        "synthetic"
-    )
+    dataset: Literal[
+        "synthetic", "cub", "cars", "aircraft", "cifar100", "imagefolder", "folder"
+    ] = "synthetic"
     data_root: Optional[str] = None
+    eval_root: Optional[str] = None
     image_size: PositiveInt = 64
     num_classes: PositiveInt = 10
     images_per_class: PositiveInt = 40
@@ -303,6 +309,10 @@ class ExperimentConfig(LCRConfig):
             raise ConfigError(
                 f"ema_momentum: {self.method} has no momentum encoder; ema_momentum applies "
                 "to mocov2 (key encoder) and byol (start of its cosine schedule)."
+            )
+        if self.dataset == "folder" and self.data_root is None:
+            raise ConfigError(
+                "data_root: dataset 'folder' needs data_root, a folder of images (any depth)."
             )
         if self.dataset == "imagefolder" and self.data_root is None:
             raise ConfigError(

@@ -171,6 +171,10 @@ def make_data(cfg: ExperimentConfig) -> DataBundle:
         ssl_train = train.with_transform(views)  # every view shares the rendered images
         synthetic_eval = train.with_transform(plain)
         return DataBundle(ssl_train, synthetic_eval, test, cfg.num_classes, masks=True)
+    if cfg.dataset == "folder":  # unlabeled images; labels only from eval_root
+        from lcr_lightly.experiments.folder_data import folder_bundle
+
+        return folder_bundle(cfg, views)
     variable = ROOT_VARIABLES.get(cfg.dataset)
     if (
         cfg.data_root is None
@@ -549,7 +553,14 @@ def evaluate(
 
     Returns:
         ``{pooling: {metric: value}}`` plus ``"localization"`` when masks exist.
+
+    Raises:
+        ConfigError: If the data has no labels (``dataset: folder`` without ``eval_root``).
     """
+    if data.num_classes == 0:
+        from lcr_lightly.experiments.folder_data import NO_LABELS
+
+        raise ConfigError(NO_LABELS.replace("evaluation skipped", "cannot evaluate"))
     wrapped = hasattr(model, "common_rationale")
     poolings = ("gap", "rationale", "norm") if wrapped else ("gap", "norm")
     bars = cfg.progress and sys.stderr.isatty()  # tqdm bars are noise in a log file
@@ -662,7 +673,13 @@ def run(
     elapsed = time.time() - start
     out_dir = save_run(cfg, model)
     try:
-        results = evaluate(model, data, cfg)
+        if data.num_classes == 0:  # an unlabeled folder: nothing to score against
+            from lcr_lightly.experiments.folder_data import NO_LABELS
+
+            print(NO_LABELS)
+            results: Dict[str, Any] = {}
+        else:
+            results = evaluate(model, data, cfg)
     except Exception as err:
         reason = str(err).strip().splitlines()
         saved_model = shlex.quote(str(out_dir / "model.pt"))

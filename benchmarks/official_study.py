@@ -11,7 +11,8 @@ Rows, over paired seeds:
 
 * ``mocov2``: the ImageNet initialisation alone; MoCo v2; + LCR with the official MoCo
   preset (``GradCAMFitLoss.official("moco")``, GradCAM of the query view only, batch-wide
-  min-max at inference); + LCR at this library's defaults.
+  min-max at inference); + LCR at this library's defaults; the official preset with the
+  per-image map at inference; the official MoCo loss alone (every view, per-image map).
 * ``byol``: BYOL; + LCR with the official BYOL preset (``official("byol")``, view 1 only).
   EfficientNet-Lite0 has no stem max-pool, so the official BYOL backbone's change
   (``stem_pool: false``) does not apply to it.
@@ -56,6 +57,12 @@ VARIANTS: Dict[str, Dict[str, Dict[str, Any]]] = {
             "normalize": "batch",
         },
         "+ LCR (defaults)": {},
+        # which part of the official recipe matters: inference per image, then loss alone
+        "+ LCR (official MoCo preset, per-image map)": {
+            "official_loss": "moco",
+            "views": "first",
+        },
+        "+ LCR (official MoCo loss only)": {"official_loss": "moco"},
     },
     "byol": {
         "BYOL": {"method": "byol", "lcr": False},

@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,imagenet]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,imagenet,onnx]"
 	touch $(STAMP)
 
 install: $(STAMP)

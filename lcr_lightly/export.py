@@ -51,6 +51,23 @@ class ExportError(ValueError):
     """A model that cannot be exported as an embedder (message: one line)."""
 
 
+def require_onnx(name: str) -> Any:
+    """Imports ``onnx`` or ``onnxruntime``, or says in one line which extra installs it.
+
+    Raises:
+        ExportError: When the package is missing.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ExportError(
+            f"ONNX files need the package {name!r}, from the [onnx] extra: "
+            "pip install 'lcr-lightly[onnx]'"
+        ) from None
+
+
 class RationalePool(nn.Module):
     """The head's rationale pooling as a module, in place of a global average pool.
 
@@ -490,7 +507,7 @@ def save_embedder(
     embedder = embedder.eval()
     with atomic_path(path) as tmp, torch.no_grad():
         if format == "onnx":
-            import onnx
+            onnx = require_onnx("onnx")
 
             batch = torch.export.Dim("batch", min=1)
             program = torch.onnx.export(
@@ -556,7 +573,7 @@ def load_embedder(path: Any) -> LoadedEmbedder:
     with open(where, "rb") as handle:
         head = handle.read(2)
     if head != b"PK":  # torch's zip container; ONNX is a protobuf
-        import onnxruntime as ort
+        ort = require_onnx("onnxruntime")
 
         try:
             session = ort.InferenceSession(str(where), providers=["CPUExecutionProvider"])

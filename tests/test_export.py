@@ -306,3 +306,14 @@ def test_a_vit_fx_cannot_cut_is_refused_for_rationale_and_exports_gap() -> None:
     model.eval()
     with torch.no_grad():
         assert torch.equal(gap(x), model(x).flatten(1))
+
+
+def test_missing_onnx_extra_is_one_line(monkeypatch):
+    import sys
+
+    from lcr_lightly.export import require_onnx
+
+    for name in ("onnx", "onnxruntime"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
+        with pytest.raises(ExportError, match=rf"^ONNX files need the package '{name}', from the"):
+            require_onnx(name)

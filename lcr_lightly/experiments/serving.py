@@ -164,14 +164,17 @@ def add_commands(sub: Any, make_parser: Callable[..., ArgumentParser]) -> None:
 
 def cmd_export(args: Namespace) -> None:
     """``lcr-lightly export``."""
-    from lcr_lightly.export import load_embedder, save_embedder
+    from lcr_lightly.export import ExportError, load_embedder, save_embedder
 
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
         raise ServingError(f"no checkpoint at {checkpoint} (no such file)")
     embedder, meta = export_checkpoint(checkpoint, args.pooling, not args.no_normalize)
     out = Path(args.out)
-    save_embedder(embedder, out, args.format, meta)
+    try:
+        save_embedder(embedder, out, args.format, meta)
+    except ExportError as err:
+        raise ServingError(str(err)) from None
     info = embedder.info
     c, h, w = info.input_size
     print(f"exported {checkpoint} -> {out} ({args.format})")

@@ -17,24 +17,12 @@ from lcr_lightly.rationale import CommonRationale
 EXTRA_POOLINGS = ("norm",)
 
 
-class PoolInputs:
-    """Records the input of every call of the given pooling modules (forward pre-hooks).
+class MapRecorder:
+    """The maps some forward hooks recorded since the last :meth:`clear`; removable."""
 
-    For a model whose ``forward`` evaluates a momentum or teacher copy (lightly's DINO
-    runs the teacher), the map that inference pools is the input of that copy's pool, not
-    the output of the online encoder's layer.
-
-    Args:
-        pools: The pooling modules (``CommonRationale``'s hooked pools).
-    """
-
-    def __init__(self, pools: Sequence[nn.Module]) -> None:
+    def __init__(self) -> None:
         self.maps: List[Tensor] = []
-        self._handles = [pool.register_forward_pre_hook(self._record) for pool in pools]
-
-    def _record(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
-        if args and isinstance(args[0], Tensor) and args[0].dim() == 4:
-            self.maps.append(args[0])
+        self._handles: List[Any] = []
 
     def clear(self) -> None:
         """Drops the recorded maps."""
@@ -47,7 +35,27 @@ class PoolInputs:
         self._handles = []
 
 
-class LayerOutputs:
+class PoolInputs(MapRecorder):
+    """Records the input of every call of the given pooling modules (forward pre-hooks).
+
+    For a model whose ``forward`` evaluates a momentum or teacher copy (lightly's DINO
+    runs the teacher), the map that inference pools is the input of that copy's pool, not
+    the output of the online encoder's layer.
+
+    Args:
+        pools: The pooling modules (``CommonRationale``'s hooked pools).
+    """
+
+    def __init__(self, pools: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self._handles = [pool.register_forward_pre_hook(self._record) for pool in pools]
+
+    def _record(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], Tensor) and args[0].dim() == 4:
+            self.maps.append(args[0])
+
+
+class LayerOutputs(MapRecorder):
     """Records the output of every call of the given layers (forward hooks), as maps.
 
     For ViTs, which pool tokens functionally: the token layer of the online encoder and
@@ -60,7 +68,7 @@ class LayerOutputs:
     """
 
     def __init__(self, layers: Sequence[nn.Module], reshape: Optional[Reshape]) -> None:
-        self.maps: List[Tensor] = []
+        super().__init__()
         self.reshape = reshape
         self._handles = [layer.register_forward_hook(self._record) for layer in layers]
 
@@ -70,16 +78,6 @@ class LayerOutputs:
             fmap = self.reshape(out) if self.reshape is not None else out
             if fmap.dim() == 4:
                 self.maps.append(fmap)
-
-    def clear(self) -> None:
-        """Drops the recorded maps."""
-        self.maps = []
-
-    def release(self) -> None:
-        """Removes the hooks."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 def _token_layers(model: nn.Module, lcr: CommonRationale) -> List[nn.Module]:

@@ -17,18 +17,20 @@ from lcr_lightly.gallery import Gallery, build_gallery
 from lcr_lightly.gradcam import gradcam
 from lcr_lightly.heads import CommonRationaleHead
 from lcr_lightly.hooks import count_hooks, remove_hooks
-from lcr_lightly.layers import (
-    FeaturePath,
-    find_feature_layer,
-    find_feature_path,
-    find_global_pool,
-    resolve_layer,
-)
+from lcr_lightly.layers import FeaturePath, resolve_layer
+from lcr_lightly.lightning import release, set_pooling, with_common_rationale
 from lcr_lightly.losses import GradCAMFitLoss
 from lcr_lightly.pooling import minmax_normalize, norm_pool, weighted_average_pool
-from lcr_lightly.rationale import CommonRationale, StepRecord, attach
+from lcr_lightly.rationale import CommonRationale, attach
+from lcr_lightly.resolve import (
+    FeatureSite,
+    Resolution,
+    find_feature_layer,
+    find_feature_path,
+    resolve,
+)
+from lcr_lightly.step import StepRecord
 from lcr_lightly.tokens import tokens_to_map
-from lcr_lightly.wrap import release, set_pooling, with_common_rationale
 
 if TYPE_CHECKING:
     from lcr_lightly.experiments.loading import load_model
@@ -42,9 +44,11 @@ __all__ = [
     "Gallery",
     "StepRecord",
     "FeaturePath",
+    "FeatureSite",
     "FeatureCapture",
     "GradCAMFitLoss",
     "RationaleMaps",
+    "Resolution",
     "RetrievalMonitor",
     "attach",
     "build_gallery",
@@ -52,7 +56,6 @@ __all__ = [
     "export_embedder",
     "find_feature_layer",
     "find_feature_path",
-    "find_global_pool",
     "gradcam",
     "load_embedder",
     "load_model",
@@ -61,6 +64,7 @@ __all__ = [
     "release",
     "remove_hooks",
     "save_embedder",
+    "resolve",
     "resolve_layer",
     "set_pooling",
     "tokens_to_map",

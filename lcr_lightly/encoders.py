@@ -29,11 +29,11 @@ architecture) pools with the rationale of the same layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
-from torch import nn
+from torch import Tensor, nn
 
-from lcr_lightly.layers import _has_conv
+from lcr_lightly.layers import has_conv
 from lcr_lightly.tokens import find_token_layer
 
 Signature = Tuple[Tuple[str, Tuple[int, ...]], ...]
@@ -41,7 +41,7 @@ Signature = Tuple[Tuple[str, Tuple[int, ...]], ...]
 
 def is_encoder(module: nn.Module) -> bool:
     """Whether a module is an image encoder: it has a ``Conv2d`` or is a recognised ViT."""
-    return _has_conv(module) or find_token_layer(module) is not None
+    return has_conv(module) or find_token_layer(module) is not None
 
 
 def architecture(module: nn.Module) -> Signature:
@@ -72,11 +72,6 @@ class EncoderGroup:
 
     members: Tuple[str, ...]
     online: Tuple[str, ...]
-
-    @property
-    def decided(self) -> bool:
-        """Whether the online encoder is known without a training step."""
-        return len(self.online) == 1
 
 
 def encoders(model: nn.Module, exclude: Tuple[str, ...] = ()) -> List[Tuple[str, nn.Module]]:
@@ -134,3 +129,32 @@ def encoder_group(
     members.sort(key=list(children).index)
     online = [n for n in members if trainable(children[n])] or list(members)
     return EncoderGroup(members=tuple(members), online=tuple(online))
+
+
+def online_by_loss_path(
+    cams: Sequence[Optional[Tensor]], owners: Sequence[int], names: Sequence[str]
+) -> Optional[int]:
+    """Rule 3 at the first training step: the candidate the SSL loss depends on.
+
+    Args:
+        cams: GradCAM of the SSL loss for each captured map (None: the loss does not
+            depend on that map).
+        owners: For each map, the index of the candidate encoder that produced it.
+        names: The candidates' dotted layer names, for the message.
+
+    Returns:
+        The index of the online candidate, or None when the loss depends on none.
+
+    Raises:
+        RuntimeError: When the loss depends on the maps of several candidates (an
+            unfrozen teacher on the gradient path).
+    """
+    used = sorted({owner for owner, cam in zip(owners, cams) if cam is not None})
+    if len(used) > 1:
+        raise RuntimeError(
+            "The SSL loss depends on the feature maps of several encoders ("
+            + ", ".join(repr(names[i]) for i in used)
+            + "); LCR trains one head on the online encoder. Freeze the momentum/"
+            "teacher encoder (requires_grad=False or torch.no_grad) or pass layer=."
+        )
+    return used[0] if used else None

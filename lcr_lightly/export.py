@@ -25,6 +25,7 @@ checks this on one example batch and refuses a model whose ``forward`` is someth
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import warnings
@@ -35,14 +36,14 @@ import torch
 from torch import Tensor, nn
 
 from lcr_lightly._validation import check_choice
-from lcr_lightly.capture import FeatureCapture
+from lcr_lightly.capture import FeatureCapture, Reshape
 from lcr_lightly.encoders import encoders
 from lcr_lightly.heads import CommonRationaleHead
 from lcr_lightly.hooks import remove_hooks
-from lcr_lightly.pooling import POOLING_MODES
+from lcr_lightly.inference import POOLING_MODES
 from lcr_lightly.rationale import CommonRationale
-from lcr_lightly.tokens import tokens_to_map
-from lcr_lightly.tracing import DRY_SIZES, declared_size, input_channels
+from lcr_lightly.tokens import TokenMap
+from lcr_lightly.trace import dry_input, dry_sizes, size_text
 
 SUBMODULE = "common_rationale"
 
@@ -74,15 +75,21 @@ class RationalePool(nn.Module):
     Args:
         head: The trained :class:`~lcr_lightly.CommonRationaleHead`.
         keepdim: Return (B, C, 1, 1) like ``nn.AdaptiveAvgPool2d`` (else (B, C)).
+        reshape: Turns the pool's input into (B, C, H, W) (a channels-last map), or None.
     """
 
-    def __init__(self, head: CommonRationaleHead, keepdim: bool) -> None:
+    def __init__(
+        self, head: CommonRationaleHead, keepdim: bool, reshape: Optional[Reshape] = None
+    ) -> None:
         super().__init__()
         self.head = head
         self.keepdim = keepdim
+        self.reshape = reshape
 
     def forward(self, features: Tensor) -> Tensor:
         """Pools a map (B, C, H, W) into (B, C) or (B, C, 1, 1)."""
+        if self.reshape is not None:
+            features = self.reshape(features)
         pooled = self.head.pool(features)
         return pooled[:, :, None, None] if self.keepdim else pooled
 
@@ -223,10 +230,10 @@ def export_embedder(
             "pooling='gap' can be exported (pass rationale=<CommonRationale> for a backbone "
             "given to attach)."
         )
-    sizes = (input_size,) if input_size else _sizes(model)
+    sizes = [input_size] if input_size else list(dry_sizes(model))
     errors: List[str] = []
     for size in sizes:
-        example = _example(model, size)
+        example = dry_input(model, size)
         try:
             with torch.no_grad():
                 # an SSL model (it has a training step) runs one of its encoders; a
@@ -237,22 +244,10 @@ def export_embedder(
         except ExportError:
             raise
         except Exception as err:  # noqa: BLE001 - any failure: try the next size
-            errors.append(f"{size} px: {type(err).__name__}: {err}")
+            errors.append(f"{size_text(size)} px: {type(err).__name__}: {err}")
             continue
         return _build(model, lcr, name, pooling, normalize, example)
     raise ExportError(f"model(x) failed on an example batch: {'; '.join(errors)}")
-
-
-def _sizes(model: nn.Module) -> Tuple[int, ...]:
-    declared = declared_size(model)
-    return (declared,) if declared is not None else DRY_SIZES
-
-
-def _example(model: nn.Module, size: int) -> Tensor:
-    ref = next((p for p in model.parameters() if p.is_floating_point()), None)
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, input_channels(model), size, size, generator=generator)
-    return x.to(ref.device, ref.dtype) if ref is not None else x
 
 
 def _evaluated_encoder(model: nn.Module, example: Tensor) -> str:
@@ -299,14 +294,9 @@ def _site_in(
 ) -> Tuple[str, Optional[str]]:
     """The feature layer and pool (names inside ``encoder``) of the LCR site in it."""
     for site in lcr.sites:
-        try:
-            layer_module: Optional[nn.Module] = root.get_submodule(site.layer_name)
-        except AttributeError:
-            layer_module = site.capture.layer if site.capture is not None else None
-        layer = _inside(encoder, layer_module)
-        pool = _inside(encoder, site.pooler.module if site.pooler is not None else None)
+        layer = _inside(encoder, site.layer)
         if layer is not None:
-            return layer, pool
+            return layer, _inside(encoder, site.pool)
     raise ExportError(
         "the encoder that model(x) runs holds none of the layers LCR hooks "
         f"({', '.join(s.layer_name for s in lcr.sites)}); its features are not the ones "
@@ -361,13 +351,11 @@ def _layer_output(
     graph: nn.Module, reshape: Optional[Callable[[Tensor], Tensor]], example: Tensor
 ) -> LayerOutput:
     """The cut encoder with its reshape; a token reshape gets its grid fixed."""
-    func = getattr(reshape, "func", None)  # functools.partial(tokens_to_map, ...)
-    if func is not tokens_to_map or reshape is None:
+    if not isinstance(reshape, TokenMap):
         return LayerOutput(graph, reshape)
     with torch.no_grad():
         side = int(reshape(graph(example)["map"]).shape[-1])
-    prefix = int(getattr(reshape, "keywords", {}).get("num_prefix_tokens", 1))
-    return LayerOutput(graph, reshape, tokens=(prefix, side))
+    return LayerOutput(graph, reshape, tokens=(reshape.num_prefix_tokens, side))
 
 
 def _build(
@@ -394,9 +382,9 @@ def _build(
             head = copy.deepcopy(lcr.head).eval()
             keep = _keeps_dims(original, head.in_channels, example)
             parent, _, attr = pool_name.rpartition(".")
-            setattr(encoder.get_submodule(parent), attr, RationalePool(head, keep))
+            setattr(encoder.get_submodule(parent), attr, RationalePool(head, keep, lcr.reshape))
         elif pooling == "rationale":
-            features = _layer_output(_cut_after(encoder, layer), lcr.capture.reshape, example)
+            features = _layer_output(_cut_after(encoder, layer), lcr.reshape, example)
             pool = RationalePool(copy.deepcopy(lcr.head).eval(), keepdim=False)
     embedder = Embedder(
         features,
@@ -442,29 +430,26 @@ def _reference(
     map that layer returns while ``model(images)`` runs.
     """
     was_training = model.training
-    previous = lcr.pooling if lcr is not None else None
     head_training = lcr.training if lcr is not None else False
     tap: Optional[FeatureCapture] = None
+    mode = pooling if tap_layer is None else "gap"
     try:
         model.eval()
-        if lcr is not None:
-            lcr.eval()  # attach's module is not a submodule of the backbone
-            lcr.pooling = "gap" if tap_layer is not None else pooling
-            if tap_layer is not None:
-                tap = FeatureCapture(
-                    tap_layer,
-                    reshape=lcr.capture.reshape,
-                    training_only=False,
-                    require_grad=False,
-                )
-        out = model(images).flatten(1)
+        with contextlib.ExitStack() as stack:
+            if lcr is not None:
+                lcr.eval()  # attach's module is not a submodule of the backbone
+                stack.enter_context(lcr.using_pooling(mode))
+                if tap_layer is not None:
+                    tap = FeatureCapture(
+                        tap_layer, reshape=lcr.reshape, training_only=False, require_grad=False
+                    )
+            out = model(images).flatten(1)
         if tap is not None and lcr is not None:
             out = lcr.head.pool(tap.maps[-1])
     finally:
         if tap is not None:
             tap.release()
-        if lcr is not None and previous is not None:
-            lcr.pooling = previous
+        if lcr is not None:
             lcr.train(head_training)
         model.train(was_training)
     return nn.functional.normalize(out, dim=1) if normalize else out
@@ -503,7 +488,7 @@ def save_embedder(
 
     check_choice("format", format, FORMATS)
     stored = {**embedder.info.to_dict(), **(meta or {}), "format": format}
-    example = _example(embedder, embedder.info.input_size[1])
+    example = dry_input(embedder, embedder.info.input_size[1:])
     embedder = embedder.eval()
     with atomic_path(path) as tmp, torch.no_grad():
         if format == "onnx":

@@ -2,7 +2,7 @@
 
 One rule: **the head is trained on exactly the tensor that the global average pooling
 consumes at inference.** The layer and the pool are found together, from a dry
-forward of the backbone (:func:`lcr_lightly.tracing.trace_forward`):
+forward of the backbone (:func:`lcr_lightly.trace.trace_forward`):
 
 1. The *global average pool* is a module call that reduces a spatial map
    (B, C, H, W), H * W > 1, to (B, C) or (B, C, 1, 1) by its spatial mean (checked on
@@ -24,12 +24,17 @@ no pool module to replace.
 
 Backbones that pool functionally (``x.mean((2, 3))``, ``F.adaptive_avg_pool2d``), whose
 last map is already 1x1, or that pool by max (timm ``global_pool="max"``, ``"avgmax"``,
-``"catavgmax"``) are refused with a message that lists the candidate maps.
+``"catavgmax"``) are refused with a message that lists the candidate maps. A pool that
+averages a channels-last map (B, H, W, C) over (H, W) — timm's Swin and other NHWC
+models pool with ``input_fmt="NHWC"`` — is global average pooling too: the map is then
+read through :func:`channels_last_to_map`.
+
+This module is the rule on one recorded forward; :mod:`lcr_lightly.resolve` runs the dry
+forward and turns the result into hooked sites.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple, Union
 
@@ -37,19 +42,28 @@ import torch
 from torch import Tensor, nn
 
 from lcr_lightly.capture import Reshape
-from lcr_lightly.tokens import find_token_layer, tokens_to_map
-from lcr_lightly.tracing import ModuleCall, Trace, trace_forward
+from lcr_lightly.tokens import TokenLayer
+from lcr_lightly.trace import ModuleCall, Trace
 
 LayerSpec = Union[str, nn.Module, None]
 
+# How a feature map is laid out: channels first, channels last (Swin), ViT tokens.
+LAYOUTS = ("NCHW", "NHWC", "tokens")
 
-def _has_conv(module: nn.Module) -> bool:
+
+def has_conv(module: nn.Module) -> bool:
+    """Whether a module contains an ``nn.Conv2d``."""
     return any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
+def channels_last_to_map(features: Tensor) -> Tensor:
+    """A channels-last map (B, H, W, C) as (B, C, H, W) (a view, no copy)."""
+    return features.permute(0, 3, 1, 2)
 
 
 def _candidates(root: nn.Module) -> Iterator[str]:
     for name, module in root.named_modules():
-        if name and _has_conv(module):
+        if name and has_conv(module):
             yield name
 
 
@@ -67,8 +81,8 @@ def resolve_layer(root: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Module]:
 
     Args:
         root: Module to search (a backbone or a whole model).
-        layer: ``None`` for automatic discovery (:func:`find_feature_layer`), a dotted
-            name relative to ``root`` (``"layer4"``, ``"backbone.7"``) or the module.
+        layer: A dotted name relative to ``root`` (``"layer4"``, ``"backbone.7"``) or
+            the module (automatic discovery: :func:`lcr_lightly.resolve.find_feature_path`).
 
     Returns:
         The dotted name and the module.
@@ -77,8 +91,6 @@ def resolve_layer(root: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Module]:
         ValueError: If the name does not exist or the module is not part of ``root``;
             the message lists the candidate layers.
     """
-    if layer is None:
-        return find_feature_layer(root)
     if isinstance(layer, nn.Module):
         for name, module in root.named_modules():
             if module is layer:
@@ -95,7 +107,7 @@ def resolve_layer(root: nn.Module, layer: LayerSpec) -> Tuple[str, nn.Module]:
                 f"Candidates: {_candidate_text(root)}."
             )
         return layer, modules[layer]
-    raise TypeError(f"layer must be None, a dotted name or an nn.Module, not {type(layer)}.")
+    raise TypeError(f"layer must be a dotted name or an nn.Module, not {type(layer)}.")
 
 
 @dataclass(frozen=True)
@@ -109,8 +121,9 @@ class FeaturePath:
         pool: The pool module, or None.
         in_channels: Channels C of the feature map.
         map_shape: Shape (B, C, H, W) of the map in the dry forward.
-        num_prefix_tokens: For token outputs (ViT): prefix tokens dropped by the
-            reshape to a map; None for convolutional maps.
+        layout: How the layer returns the map: ``"NCHW"``, ``"NHWC"`` (channels last)
+            or ``"tokens"`` (ViT).
+        reshape: Turns the layer's output into a (B, C, H, W) map (None for NCHW).
     """
 
     layer_name: str
@@ -119,14 +132,8 @@ class FeaturePath:
     pool: Optional[nn.Module]
     in_channels: int
     map_shape: Tuple[int, ...]
-    num_prefix_tokens: Optional[int] = None
-
-    @property
-    def reshape(self) -> Optional[Reshape]:
-        """The token-to-map reshape for ViT layers, None for convolutional maps."""
-        if self.num_prefix_tokens is None:
-            return None
-        return functools.partial(tokens_to_map, num_prefix_tokens=self.num_prefix_tokens)
+    layout: str = "NCHW"
+    reshape: Optional[Reshape] = None
 
 
 def _spatial(t: Optional[Tensor]) -> bool:
@@ -141,21 +148,26 @@ def _reduces_space(call: ModuleCall) -> bool:
     return y.dim() == 2 or (y.dim() == 4 and y.shape[2] == y.shape[3] == 1)
 
 
-def _is_average(call: ModuleCall) -> bool:
-    """Whether a space-reducing call returns the spatial mean of its input (same C).
+def _average_layout(call: ModuleCall) -> Optional[str]:
+    """``"NCHW"`` or ``"NHWC"`` when a space-reducing call returns the spatial mean, else None.
 
+    The mean is taken over (H, W) of a channels-first map, then of a channels-last one.
     Every channel must match within a tolerance relative to the largest channel mean,
     so that the decision does not depend on the scale of the features; the tolerance is
     0.1 %, or the output dtype's resolution where that is coarser (a bfloat16 pool
     rounds the mean by up to 0.4 %).
     """
     assert call.input is not None and call.output is not None
+    if call.input.is_meta:  # no values to compare (a backbone built on the meta device)
+        return None
     x, y = call.input.float(), call.output.float()
-    if y.numel() != x.shape[0] * x.shape[1]:
-        return False
-    mean = x.mean(dim=(2, 3))
     tol = max(1e-3, torch.finfo(call.output.dtype).eps)
-    return float((y.reshape(mean.shape) - mean).abs().max()) <= tol * float(mean.abs().max())
+    for layout, dims in (("NCHW", (2, 3)), ("NHWC", (1, 2))):
+        mean = x.mean(dim=dims)
+        if y.numel() == mean.numel():
+            if float((y.reshape(mean.shape) - mean).abs().max()) <= tol * float(mean.abs().max()):
+                return layout
+    return None
 
 
 def _global_pools(trace: Trace) -> List[ModuleCall]:
@@ -219,7 +231,8 @@ def _refuse_no_pool(root: nn.Module, trace: Trace, pools: List[ModuleCall]) -> V
             f"The global pooling of {type(root).__name__}, {last.name!r} "
             f"({type(last.module).__name__}), maps {_shape(last.input)} to "
             f"{_shape(last.output)} but is not average pooling (max, avg+max or "
-            "concatenated avg/max pooling). Rationale pooling replaces global average "
+            "concatenated avg/max pooling: its output is neither the channels-first nor "
+            "the channels-last spatial mean). Rationale pooling replaces global average "
             "pooling only; build the backbone with average pooling (timm: "
             "global_pool='avg')."
         )
@@ -233,9 +246,13 @@ def _refuse_no_pool(root: nn.Module, trace: Trace, pools: List[ModuleCall]) -> V
     )
 
 
-def _pool_of(pools: List[ModuleCall]) -> Optional[ModuleCall]:
-    averages = [c for c in pools if _is_average(c)]
-    return max(averages, key=lambda c: c.start) if averages else None
+def _pool_of(pools: List[ModuleCall]) -> Tuple[Optional[ModuleCall], str]:
+    """The last averaging pool among ``pools`` and the layout it averages."""
+    for call in sorted(pools, key=lambda c: c.start, reverse=True):
+        layout = _average_layout(call)
+        if layout is not None:
+            return call, layout
+    return None, "NCHW"
 
 
 def _producer(root: nn.Module, trace: Trace, pool: ModuleCall) -> ModuleCall:
@@ -256,147 +273,102 @@ def _producer(root: nn.Module, trace: Trace, pool: ModuleCall) -> ModuleCall:
     return min(producers, key=lambda c: (c.depth, c.end))
 
 
-def _map_of(
-    output: Tensor, name: str, root: nn.Module, reshape: Optional[Reshape]
-) -> Tuple[Tuple[int, ...], Optional[int]]:
-    """The map shape a layer output gives, and the prefix tokens of a ViT reshape."""
-    prefix: Optional[int] = None
-    if reshape is not None:
-        fmap = reshape(output)
-    elif output.dim() == 3 and find_token_layer(root) is not None:
-        prefix = find_token_layer(root)[3]  # type: ignore[index]
-        fmap = tokens_to_map(output, prefix)
-    else:
-        fmap = output
-    if fmap.dim() != 4:
-        raise ValueError(
-            f"Layer {name!r} of {type(root).__name__} returns shape {tuple(output.shape)}; "
-            "LCR needs a (B, C, H, W) map. Choose a convolutional stage, or pass reshape= "
-            "for token outputs of a backbone that is not a recognised ViT."
-        )
-    return tuple(fmap.shape), prefix
+def _reshape_for(layout: str, tokens: Optional[TokenLayer]) -> Optional[Reshape]:
+    if layout == "NHWC":
+        return channels_last_to_map
+    if layout == "tokens" and tokens is not None:
+        return tokens.reshape
+    return None
 
 
-def find_feature_path(
+def feature_path(
     root: nn.Module,
-    layer: LayerSpec = None,
-    pool: LayerSpec = None,
+    trace: Trace,
+    layer: Optional[Tuple[str, nn.Module]] = None,
+    pool: Optional[Tuple[str, nn.Module]] = None,
     reshape: Optional[Reshape] = None,
-    trace: Optional[Trace] = None,
+    tokens: Optional[TokenLayer] = None,
 ) -> FeaturePath:
-    """Finds the feature layer and the global average pool of a backbone together.
+    """Applies the rule to one dry forward of ``root``: the feature layer and its pool.
 
     With neither ``layer`` nor ``pool``, both follow the module rule above (ViTs: the
-    token layer of :func:`find_token_layer`, no pool). With ``pool`` only, the layer is
-    the module that returns the pool's input. With ``layer``, the pool is the global
-    average pool that consumes exactly its output, or None when there is none (the head
-    still trains; rationale pooling is then unavailable). Channels, the map shape and
-    the ViT token reshape always come from the dry forward.
+    ``tokens`` block, no pool). With ``pool`` only, the layer is the module that returns
+    the pool's input. With ``layer``, the pool is the global average pool that consumes
+    exactly its output, or None when there is none (the head still trains; rationale
+    pooling is then unavailable). Channels and the map shape come from the trace.
 
     Args:
-        root: The backbone (its ``forward`` takes an image batch).
-        layer: None, or the feature layer as dotted name in ``root`` or module.
-        pool: None, or the global pooling as dotted name in ``root`` or module.
-        reshape: Callable turning the layer output into (B, C, H, W), when it is not a
-            map and ``root`` is not a recognised ViT.
-        trace: A dry forward of ``root`` to reuse; made here when None.
+        root: The traced backbone (for messages).
+        trace: Its dry forward (:func:`lcr_lightly.trace.trace_forward`).
+        layer: None, or the feature layer as ``(dotted name, module)``.
+        pool: None, or the global pooling as ``(dotted name, module)``.
+        reshape: Turns the layer's output into (B, C, H, W) when it is not a map and
+            ``root`` is not a recognised ViT.
+        tokens: The ViT block of :func:`lcr_lightly.tokens.find_token_layer`, or None.
 
     Returns:
         The :class:`FeaturePath`.
 
     Raises:
         ValueError: When no layer/pool pair exists (functional or max pooling, 1x1 map),
-            for a bad name, or when an explicit pool does not consume the explicit
-            layer's output; the message lists the candidate maps.
-        RuntimeError: If the dry forward fails.
+            or an explicit pool does not consume the explicit layer's output; the
+            message lists the candidate maps.
     """
-    layer_ref = resolve_layer(root, layer) if layer is not None else None
-    pool_ref = resolve_layer(root, pool) if pool is not None else None
-    if trace is None:
-        trace = trace_forward(root)
     pools = _global_pools(trace)
-    pool_call: Optional[ModuleCall]
-    if layer_ref is None and pool_ref is None:
-        tokens = find_token_layer(root)
-        if tokens is not None:
-            pool_call = None
-            layer_call = _single_call(trace, tokens[1], tokens[0], root)
-        else:
-            pool_call = _pool_of(pools)
-            if pool_call is None:
-                raise _refuse_no_pool(root, trace, pools)
-            _single_call(trace, pool_call.module, pool_call.name, root)
-            layer_call = _producer(root, trace, pool_call)
-    elif layer_ref is None:
-        assert pool_ref is not None
-        pool_call = _single_call(trace, pool_ref[1], pool_ref[0], root)
+    pool_call: Optional[ModuleCall] = None
+    layout = "NCHW"
+    if layer is None and pool is None and tokens is not None:
+        layer_call, layout = _single_call(trace, tokens.module, tokens.name, root), "tokens"
+    elif layer is None and pool is None:
+        pool_call, layout = _pool_of(pools)
+        if pool_call is None:
+            raise _refuse_no_pool(root, trace, pools)
+        _single_call(trace, pool_call.module, pool_call.name, root)
+        layer_call = _producer(root, trace, pool_call)
+    elif layer is None:
+        assert pool is not None
+        pool_call = _single_call(trace, pool[1], pool[0], root)
+        if _reduces_space(pool_call):
+            layout = _average_layout(pool_call) or "NCHW"
         layer_call = _producer(root, trace, pool_call)
     else:
-        layer_call = _single_call(trace, layer_ref[1], layer_ref[0], root)
-        if pool_ref is not None:
-            pool_call = _single_call(trace, pool_ref[1], pool_ref[0], root)
-            if (
-                pool_call.input is not layer_call.output
-                or pool_call.input_version != layer_call.output_version
-            ):
+        layer_call = _single_call(trace, layer[1], layer[0], root)
+        out, version = layer_call.output, layer_call.output_version
+        if pool is not None:
+            pool_call = _single_call(trace, pool[1], pool[0], root)
+            if pool_call.input is not out or pool_call.input_version != version:
                 raise ValueError(
-                    f"The pool {pool_ref[0]!r} consumes {_shape(pool_call.input)}, not the "
-                    f"output of layer {layer_ref[0]!r}: the head would be trained on one "
+                    f"The pool {pool[0]!r} consumes {_shape(pool_call.input)}, not the "
+                    f"output of layer {layer[0]!r}: the head would be trained on one "
                     "map and weight another at inference. Pass only one of layer= and "
                     "pool=, or a matching pair."
                 )
+            if _reduces_space(pool_call):
+                layout = _average_layout(pool_call) or "NCHW"
         else:
-            out = layer_call.output
-            consuming = [
-                c
-                for c in pools
-                if out is not None
-                and c.input is out
-                and c.input_version == layer_call.output_version
-            ]
-            pool_call = _pool_of(consuming)
+            consuming = [c for c in pools if c.input is out and c.input_version == version]
+            pool_call, layout = _pool_of(consuming)
+        if out is not None and out.dim() == 3 and tokens is not None:
+            layout = "tokens"
     if layer_call.output is None:
         raise ValueError(f"Layer {layer_call.name!r} returns no tensor.")
-    map_shape, prefix = _map_of(layer_call.output, layer_call.name, root, reshape)
+    reshape = reshape or _reshape_for(layout, tokens)
+    output = layer_call.output
+    fmap = reshape(output) if reshape is not None else output
+    if fmap.dim() != 4:
+        raise ValueError(
+            f"Layer {layer_call.name!r} of {type(root).__name__} returns shape "
+            f"{tuple(output.shape)}; LCR needs a (B, C, H, W) map. Choose a convolutional "
+            "stage, or pass reshape= for token outputs of a backbone that is not a "
+            "recognised ViT."
+        )
     return FeaturePath(
         layer_name=layer_call.name,
         layer=layer_call.module,
         pool_name=pool_call.name if pool_call is not None else None,
         pool=pool_call.module if pool_call is not None else None,
-        in_channels=int(map_shape[1]),
-        map_shape=map_shape,
-        num_prefix_tokens=prefix,
+        in_channels=int(fmap.shape[1]),
+        map_shape=tuple(fmap.shape),
+        layout=layout,
+        reshape=reshape,
     )
-
-
-def find_feature_layer(backbone: nn.Module) -> Tuple[str, nn.Module]:
-    """Finds the feature layer of a backbone (see :func:`find_feature_path`).
-
-    Args:
-        backbone: The backbone module.
-
-    Returns:
-        The dotted name of the layer inside ``backbone`` and the layer module.
-
-    Raises:
-        ValueError: If the backbone has no map that a global average pool consumes.
-    """
-    path = find_feature_path(backbone)
-    return path.layer_name, path.layer
-
-
-def find_global_pool(root: nn.Module, layer: nn.Module) -> Optional[Tuple[str, nn.Module]]:
-    """Finds the global average pool that consumes exactly the output of ``layer``.
-
-    Args:
-        root: The backbone that contains ``layer``.
-        layer: The feature layer.
-
-    Returns:
-        ``(name, module)`` or ``None`` when nothing consumes the layer's output by
-        global average pooling (the backbone pools functionally).
-    """
-    path = find_feature_path(root, layer=layer)
-    if path.pool is None or path.pool_name is None:
-        return None
-    return path.pool_name, path.pool

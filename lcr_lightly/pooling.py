@@ -1,45 +1,15 @@
-"""Rationale pooling: min-max normalisation, weighted and feature-norm pooling, the hook.
+"""Rationale pooling arithmetic: min-max normalisation, weighted and feature-norm pooling.
 
 At inference the rationale map ``A``, min-max normalised per image (``A'``), weights the
-average pooling of the feature map ``F``: ``mean_hw(A' * F)``. The
-:class:`RationalePooling` hook puts that in place of the output of the backbone's global
-average pool (found by :func:`lcr_lightly.layers.find_feature_path`), so ``model(x)``
-returns rationale-pooled features without editing the model; :class:`PoolingCheck` warns
-when a forward in eval mode ran none of the hooked pools. :func:`norm_pool` is the
-parameter-free baseline that weights positions by their feature norm.
+average pooling of the feature map ``F``: ``mean_hw(A' * F)``. :func:`norm_pool` is the
+parameter-free baseline that weights positions by their feature norm. Pure functions:
+the hooks that put them in place of a model's pool are in :mod:`lcr_lightly.inference`.
 """
 
 from __future__ import annotations
 
-import warnings
-from typing import Any, List, Optional, Protocol
-
 import torch
-from torch import Tensor, nn
-
-from lcr_lightly.hooks import LayerHook, OwnedHook
-
-
-class _Pooler(Protocol):
-    def pool(self, features: Tensor) -> Tensor: ...
-
-
-class PoolingOwner(Protocol):
-    """What the pooling hooks read from their owner, a :class:`~lcr_lightly.CommonRationale`."""
-
-    pooling: str
-    pool_in_training: bool
-    pool_calls: int
-    pool_calls_seen: int
-
-    @property
-    def head(self) -> _Pooler:
-        """The head whose ``pool`` replaces average pooling."""
-
-    @property
-    def pool_names(self) -> List[str]:
-        """Dotted names of the hooked pools."""
-
+from torch import Tensor
 
 NORMALIZE_MODES = ("image", "batch")
 
@@ -100,72 +70,3 @@ def norm_pool(features: Tensor) -> Tensor:
         the feature vector at each position (the baseline beside the learned rationale).
     """
     return weighted_average_pool(features, minmax_normalize(features.norm(dim=1)))
-
-
-POOLING_MODES = ("gap", "rationale")
-
-
-class RationalePooling(LayerHook):
-    """Replaces the output of a global pooling module by rationale pooling.
-
-    Active when the pooling module is in eval mode and ``owner.pooling == "rationale"``
-    (or in training mode too when ``owner.pool_in_training`` is set, an ablation of the
-    paper's failing variant; never for a momentum/teacher copy, ``eval_only``).
-
-    Args:
-        pool: The global average pool that consumes the feature map.
-        owner: The :class:`CommonRationale` whose head pools.
-        eval_only: Never pool in training mode (pools of momentum/teacher copies).
-    """
-
-    def __init__(self, pool: nn.Module, owner: PoolingOwner, eval_only: bool) -> None:
-        self.owner = owner
-        self.eval_only = eval_only
-        super().__init__(pool)
-
-    def on_forward(self, module: nn.Module, args: Any, output: Any) -> Optional[Tensor]:
-        """Returns the rationale-pooled features shaped like ``output``."""
-        owner = self.owner
-        if owner.pooling != "rationale":
-            return None
-        if module.training and (self.eval_only or not owner.pool_in_training):
-            return None
-        features = args[0] if args else None
-        if not isinstance(features, Tensor) or features.dim() != 4:
-            return None
-        owner.pool_calls += 1
-        pooled = owner.head.pool(features)
-        return pooled.reshape(output.shape).to(output.dtype)
-
-
-class PoolingCheck(OwnedHook):
-    """Warns when ``model(x)`` in eval mode with rationale pooling ran none of the pools.
-
-    A forward hook on the wrapped model: ``set_pooling("rationale")`` is then never a
-    silent no-op (a ``forward`` that evaluates an encoder LCR did not hook, or pools
-    functionally, warns). O(1) per call. A copy of the model gets a copy of the check
-    that watches the copy's own ``common_rationale``.
-
-    Args:
-        owner: The model's :class:`CommonRationale`.
-    """
-
-    def __init__(self, owner: PoolingOwner) -> None:
-        self.owner = owner
-
-    def on_forward(self, module: nn.Module, args: Any, output: Any) -> None:
-        """Warns if no rationale pooling happened since the previous call."""
-        owner = self.owner
-        pooled = owner.pool_calls != owner.pool_calls_seen
-        owner.pool_calls_seen = owner.pool_calls
-        if module.training or owner.pooling != "rationale" or pooled:
-            return
-        pools = ", ".join(map(repr, owner.pool_names))
-        warnings.warn(
-            f"{type(module).__name__}(x) ran in eval mode with rationale pooling, but none of "
-            f"the pools LCR hooks ({pools}) ran: its output is not "
-            "rationale-pooled. Its forward evaluates another encoder or pools functionally; "
-            "pool the feature map with common_rationale.head.pool(map), or pass pool=.",
-            RuntimeWarning,
-            stacklevel=2,
-        )

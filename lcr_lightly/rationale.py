@@ -1,69 +1,37 @@
-"""The LCR module: capture -> GradCAM -> head -> KL for one model, and ``attach``.
+"""The LCR term of one model: capture -> GradCAM -> head -> KL, and ``attach``.
 
-:class:`CommonRationale` holds everything LCR adds to a model: the capture of the online
-encoder's feature maps (:mod:`lcr_lightly.capture`), the head (:mod:`lcr_lightly.heads`),
-the fitting loss (:mod:`lcr_lightly.losses`) and the pooling hooks
-(:mod:`lcr_lightly.pooling`). :meth:`CommonRationale.kl_term` turns the maps captured in
-a step and that step's SSL loss into the KL term. :func:`attach` builds it for a backbone
-(plain PyTorch loops); :func:`lcr_lightly.wrap.with_common_rationale` for a
-LightningModule.
+:class:`CommonRationale` holds what LCR adds to a model: the head
+(:mod:`lcr_lightly.heads`), the fitting loss (:mod:`lcr_lightly.losses`), the sites it
+hooks (:mod:`lcr_lightly.resolve`) with a capture of the online encoder's maps
+(:mod:`lcr_lightly.capture`) and the pooling hooks (:mod:`lcr_lightly.inference`).
+:meth:`CommonRationale.kl_term` turns the maps captured in a step and that step's SSL
+loss into the KL term. :func:`attach` builds it for a backbone (plain PyTorch loops);
+:func:`lcr_lightly.lightning.with_common_rationale` for a LightningModule, which
+:meth:`CommonRationale.of` finds again.
 """
 
 from __future__ import annotations
 
-import inspect
-import time
+import contextlib
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, List, NamedTuple, Optional, Sequence
+from dataclasses import replace
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from lcr_lightly._validation import check_choice, check_options, check_real
 from lcr_lightly.capture import FeatureCapture, Reshape
+from lcr_lightly.encoders import online_by_loss_path
 from lcr_lightly.gradcam import GRADCAM_MODES, gradcam
 from lcr_lightly.heads import CommonRationaleHead
-from lcr_lightly.layers import FeaturePath, LayerSpec, find_feature_path, resolve_layer
+from lcr_lightly.inference import RationaleInference, RationalePooling
+from lcr_lightly.layers import LayerSpec
 from lcr_lightly.losses import GradCAMFitLoss
-from lcr_lightly.pooling import POOLING_MODES, PoolingCheck, RationalePooling
-from lcr_lightly.tracing import DryForwardError
+from lcr_lightly.resolve import FeatureSite, Resolution, resolve
+from lcr_lightly.step import StepRecord, clock
 
-
-def _clock(tensor: Tensor) -> float:
-    """``time.perf_counter()`` after the tensor's device has finished its queued work."""
-    if tensor.is_cuda:
-        torch.cuda.synchronize(tensor.device)
-    return time.perf_counter()
-
-
-@dataclass
-class StepRecord:
-    """What :meth:`CommonRationale.kl_term` computed in one step.
-
-    Kept in ``CommonRationale.last_step`` only while ``CommonRationale.record`` is True
-    (tests, benchmarks, figures), so the training step keeps no extra references.
-
-    Attributes:
-        layer_name: Dotted name of the layer the maps come from.
-        maps: Feature maps F that entered the KL, one per view, (B, C, H, W), detached.
-        gradcams: Their GradCAMs G of the SSL loss, (B, H, W), float32.
-        head_maps: The head's rationale maps A, (B, H, W), detached.
-        kls: The fitting loss of each view (scalar tensors, detached).
-        kl: Their mean (the returned term), detached.
-        ssl_loss: The SSL loss the GradCAMs are of, detached.
-        seconds: Wall time of the call (on CUDA the device is synchronised before both
-            clock reads, only while recording).
-    """
-
-    layer_name: str
-    maps: List[Tensor] = field(default_factory=list)
-    gradcams: List[Tensor] = field(default_factory=list)
-    head_maps: List[Tensor] = field(default_factory=list)
-    kls: List[Tensor] = field(default_factory=list)
-    kl: Optional[Tensor] = None
-    ssl_loss: Optional[Tensor] = None
-    seconds: float = 0.0
+SUBMODULE = "common_rationale"
 
 
 VIEWS = ("all", "first")
@@ -72,59 +40,28 @@ VIEWS = ("all", "first")
 NONFINITE = ("error", "skip")
 
 
-class FeatureSite(NamedTuple):
-    """One encoder's feature layer and pool, as hooked by :class:`CommonRationale`.
+def scalar_loss(loss: Tensor, who: str) -> Tensor:
+    """A one-element loss (e.g. lightly's ``SwaVLoss``, shape (1,)) as a scalar.
 
-    Attributes:
-        layer_name: Dotted name of the feature layer (relative to the wrapped model).
-        layer: The feature layer.
-        pool_name: Dotted name of the global average pool, or None.
-        pool: The pool, or None.
-        online_candidate: Whether this encoder may be the online one (its maps are
-            captured until the first training step decides).
+    Raises:
+        TypeError: For a loss of several elements, naming ``who`` returned it.
     """
-
-    layer_name: str
-    layer: nn.Module
-    pool_name: Optional[str] = None
-    pool: Optional[nn.Module] = None
-    online_candidate: bool = False
-
-
-class _HookedSite:
-    """The hooks LCR holds on one encoder: a capture (online candidates) and a pooler."""
-
-    def __init__(
-        self,
-        site: FeatureSite,
-        owner: CommonRationale,
-        reshape: Optional[Reshape],
-        capture: bool,
-        eval_only: bool,
-    ) -> None:
-        self.layer_name = site.layer_name
-        self.pool_name = site.pool_name
-        self.capture: Optional[FeatureCapture] = (
-            FeatureCapture(site.layer, reshape=reshape, name=site.layer_name) if capture else None
+    if loss.dim() == 0:
+        return loss
+    if loss.numel() != 1:
+        raise TypeError(
+            f"{who} returned a loss of shape {tuple(loss.shape)}; LCR needs a scalar "
+            "(or one element)."
         )
-        self.pooler: Optional[RationalePooling] = (
-            RationalePooling(site.pool, owner, eval_only=eval_only)
-            if site.pool is not None
-            else None
-        )
-
-    def release(self) -> None:
-        if self.capture is not None:
-            self.capture.release()
-        if self.pooler is not None:
-            self.pooler.release()
+    return loss.reshape(())
 
 
 class CommonRationale(nn.Module):
-    """Everything LCR adds to a model: capture, head, loss and pooling.
+    """Everything LCR adds to a model: head, loss, the hooked sites and their pooling.
 
     Registered as the ``common_rationale`` submodule by :func:`with_common_rationale`,
-    so the head's weights are part of the model's ``state_dict``.
+    so the head's weights are part of the model's ``state_dict``; built by
+    :func:`attach` for a backbone. :meth:`of` finds it in a wrapped model.
 
     Args:
         layer: The feature layer (output (B, C, H, W), or tokens with ``reshape``).
@@ -139,28 +76,30 @@ class CommonRationale(nn.Module):
             (the official BYOL code).
         nonfinite: ``"error"`` raises on a non-finite SSL loss, GradCAM or KL;
             ``"skip"`` warns and drops the KL term (or the step, if the SSL loss is bad).
-        reshape: Callable turning the layer output into a (B, C, H, W) map.
+        reshape: Callable turning the layer output into a (B, C, H, W) map (ViT
+            tokens, channels-last maps).
         normalize: Inference normalisation of the rationale map, ``"image"`` or
             ``"batch"`` (official code; ablation only).
         pool_in_training: Also use rationale pooling in training (a failing variant
             of the paper, for ablation).
-        weight: Weight nu of the KL term used by :func:`with_common_rationale`.
+        weight: Weight nu of the KL term in ``loss + nu * KL`` (the Lightning wrapper's).
         head_hidden: Hidden width of an MLP head (the paper's failing variant; ablation).
         layer_name: Dotted name of ``layer``, used in messages (its class name if None).
         pool_name: Dotted name of ``pool``, used in messages.
         copies: The same layer and pool in the online encoder's momentum/teacher copies
-            (:class:`FeatureSite`); their pools are replaced at inference too, and those
-            marked ``online_candidate`` are captured until the first training step finds
-            which encoder the SSL loss depends on.
+            (:class:`~lcr_lightly.resolve.FeatureSite`); their pools are replaced at
+            inference too, and those marked ``online`` are captured until the first
+            training step finds which encoder the SSL loss depends on.
 
     Attributes:
+        sites: What is hooked (:class:`~lcr_lightly.resolve.FeatureSite`: layer, pool,
+            whether online), the online encoder's first.
         record: Keep what each :meth:`kl_term` computed in :attr:`last_step` (off by
             default: the training step then keeps no reference to its maps).
         last_step: The :class:`StepRecord` of the last recorded step, or None.
-        layer_name: Dotted name of the online encoder's feature layer.
-        pool_name: Dotted name of its pool (None when there is none).
-        capture: The :class:`FeatureCapture` on the online layer.
-        pooler: The :class:`RationalePooling` on the online pool, or None.
+        batch_size: Batch size of the maps of the last step (for logging).
+        inference: The :class:`~lcr_lightly.inference.RationaleInference` (pooling hooks
+            and mode).
     """
 
     def __init__(
@@ -197,74 +136,100 @@ class CommonRationale(nn.Module):
         self.gradcam_mode = gradcam_mode
         self.views = views
         self.nonfinite = nonfinite
-        self.pool_in_training = pool_in_training
+        self.reshape = reshape
         self.weight = check_real("weight", weight, allow_zero=True)
         self.batch_size = 0
         self.record = False
         self.last_step: Optional[StepRecord] = None
         self._warned_single_position = False
-        self.pool_calls = 0  # rationale poolings done, for PoolingCheck
-        self.pool_calls_seen = 0
-        online = FeatureSite(
-            layer_name or type(layer).__name__,
-            layer,
-            pool_name or (type(pool).__name__ if pool is not None else None),
-            pool,
-            True,
+        pool_label = pool_name or (type(pool).__name__ if pool is not None else None)
+        online = FeatureSite(layer_name or type(layer).__name__, layer, pool_label, pool, True)
+        self.sites: Tuple[FeatureSite, ...] = (online, *copies)
+        self.captures: List[Optional[FeatureCapture]] = [
+            FeatureCapture(s.layer, reshape=reshape, name=s.layer_name) if s.online else None
+            for s in self.sites
+        ]
+        self.inference = RationaleInference(
+            self.head,
+            [(s.pool_name, s.pool) if s.pool is not None else (None, None) for s in self.sites],
+            reshape,
+            self.layer_name,
+            pool_in_training,
         )
-        self.sites = [_HookedSite(online, self, reshape, capture=True, eval_only=False)]
-        for site in copies:
-            self.sites.append(
-                _HookedSite(site, self, reshape, capture=site.online_candidate, eval_only=True)
-            )
-        self.pooling = "rationale" if self.pool_names else "gap"
 
     @classmethod
-    def from_path(
-        cls,
-        path: FeaturePath,
-        prefix: str = "",
-        reshape: Optional[Reshape] = None,
-        **options: Any,
-    ) -> CommonRationale:
-        """The module for a resolved feature path (layer, pool, channels, token reshape).
+    def from_resolution(cls, resolution: Resolution, **options: Any) -> CommonRationale:
+        """The module for what :func:`~lcr_lightly.resolve.resolve` found.
 
         Args:
-            path: From :func:`~lcr_lightly.layers.find_feature_path`.
-            prefix: Dotted name of the encoder ``path`` was found in (for messages).
-            reshape: Overrides the path's own reshape (ViT tokens).
-            **options: Further constructor arguments (``k``, ``loss``, ``copies``, ...).
+            resolution: The sites (online first), channels and reshape.
+            **options: Further constructor arguments (``k``, ``loss``, ...).
 
         Returns:
             The module.
         """
-
-        def dotted(inner: Optional[str]) -> Optional[str]:
-            if inner is None or not prefix:
-                return inner
-            return f"{prefix}.{inner}" if inner else prefix
-
+        online, *copies = resolution.sites
         return cls(
-            path.layer,
-            in_channels=path.in_channels,
-            pool=path.pool,
-            reshape=reshape or path.reshape,
-            layer_name=dotted(path.layer_name),
-            pool_name=dotted(path.pool_name),
+            online.layer,
+            in_channels=resolution.in_channels,
+            pool=online.pool,
+            reshape=options.pop("reshape", None) or resolution.reshape,
+            layer_name=online.layer_name,
+            pool_name=online.pool_name,
+            copies=copies,
             **options,
         )
+
+    @classmethod
+    def of(cls, model: nn.Module) -> CommonRationale:
+        """The LCR module of a wrapped model (or the module itself).
+
+        Args:
+            model: A model wrapped with :func:`~lcr_lightly.with_common_rationale`, or
+                a :class:`CommonRationale` (from :func:`attach`).
+
+        Returns:
+            Its :class:`CommonRationale`.
+
+        Raises:
+            ValueError: If the model is not wrapped.
+        """
+        if isinstance(model, CommonRationale):
+            return model
+        lcr = getattr(model, SUBMODULE, None)
+        if not isinstance(lcr, CommonRationale):
+            raise ValueError(
+                f"{type(model).__name__} is not wrapped with with_common_rationale "
+                f"(no '{SUBMODULE}' submodule)."
+            )
+        return lcr
+
+    def place_like(self, backbone: nn.Module) -> None:
+        """Moves the head to the backbone's device, and dtype if floating point.
+
+        A backbone converted as a whole (``.to(torch.bfloat16)``) gives bfloat16 maps,
+        which the head must accept; under autocast the parameters stay float32.
+        """
+        ref = next(backbone.parameters(), None)
+        if ref is not None:
+            self.to(ref.device, ref.dtype if ref.is_floating_point() else None)
 
     @property
     def capture(self) -> FeatureCapture:
         """The capture on the online encoder's feature layer."""
-        capture = self.sites[0].capture
+        capture = self.captures[0]
         assert capture is not None
         return capture
 
     @property
     def pooler(self) -> Optional[RationalePooling]:
         """The rationale pooling hook on the online encoder's pool, or None."""
-        return self.sites[0].pooler
+        return self.inference.hooks[0]
+
+    @property
+    def layer(self) -> nn.Module:
+        """The online encoder's feature layer."""
+        return self.sites[0].layer
 
     @property
     def layer_name(self) -> str:
@@ -279,58 +244,57 @@ class CommonRationale(nn.Module):
     @property
     def pool_names(self) -> List[str]:
         """Dotted names of every pool replaced at inference (online encoder first)."""
-        return [s.pool_name for s in self.sites if s.pooler is not None and s.pool_name]
+        return self.inference.pool_names
+
+    @property
+    def pooling(self) -> str:
+        """The inference pooling, ``"gap"`` or ``"rationale"`` (see :meth:`set_pooling`)."""
+        return self.inference.mode
+
+    @property
+    def pool_in_training(self) -> bool:
+        """Whether rationale pooling is used in training too (ablation)."""
+        return self.inference.pool_in_training
 
     @property
     def online_decided(self) -> bool:
         """Whether the online encoder is known (else: at the first training step)."""
-        return sum(s.capture is not None for s in self.sites) == 1
-
-    def watch(self, model: nn.Module) -> None:
-        """Installs a :class:`PoolingCheck` on the wrapped model (if anything pools).
-
-        :func:`release` (or :func:`~lcr_lightly.hooks.remove_hooks` on the model)
-        removes it.
-        """
-        if self.pool_names:
-            model.register_forward_hook(PoolingCheck(self))
-
-    def clear(self) -> None:
-        """Drops the maps recorded by every capture."""
-        for site in self.sites:
-            if site.capture is not None:
-                site.capture.clear()
-
-    def _decide(self, index: int) -> None:
-        """Makes ``sites[index]`` the online encoder and stops capturing the others."""
-        chosen = self.sites.pop(index)
-        self.sites.insert(0, chosen)
-        for site in self.sites[1:]:
-            if site.capture is not None:
-                site.capture.release()
-                site.capture = None
-            if site.pooler is not None:
-                site.pooler.eval_only = True
-        if chosen.pooler is not None:
-            chosen.pooler.eval_only = False
+        return sum(c is not None for c in self.captures) == 1
 
     def set_pooling(self, mode: str) -> None:
         """Chooses the inference pooling: ``"gap"`` or ``"rationale"``.
 
-        Args:
-            mode: The pooling mode.
+        Raises:
+            ValueError: For an unknown mode, or ``"rationale"`` when no pool is hooked.
         """
-        check_choice("pooling", mode, POOLING_MODES)
-        if mode == "rationale" and not self.pool_names:
-            raise ValueError(
-                "Rationale pooling needs a global average pooling module that consumes the "
-                f"output of {self.layer_name!r}, and none does (the backbone pools "
-                "functionally or tokens). Pass pool=<dotted name or module>, or pool "
-                "features yourself with common_rationale.head.pool(feature_map)."
-            )
-        self.pooling = mode
+        self.inference.set_mode(mode)
 
-    def _nonfinite(self, what: str) -> None:
+    @contextlib.contextmanager
+    def using_pooling(self, mode: str) -> Iterator[None]:
+        """Pools with ``mode`` inside the block, then restores the previous mode."""
+        with self.inference.using(mode):
+            yield
+
+    def watch(self, model: nn.Module) -> None:
+        """Warns when ``model(x)`` in eval mode runs none of the hooked pools.
+
+        :func:`release` (or :func:`~lcr_lightly.hooks.remove_hooks` on the model)
+        removes the check.
+        """
+        self.inference.watch(model)
+
+    def clear(self) -> None:
+        """Drops the maps recorded by every capture."""
+        for capture in self.captures:
+            if capture is not None:
+                capture.clear()
+
+    def nonfinite_found(self, what: str) -> None:
+        """Applies the ``nonfinite`` policy to a NaN/inf ``what``: raise, or warn.
+
+        Raises:
+            FloatingPointError: With ``nonfinite="error"``.
+        """
         message = (
             f"LCR: the {what} is not finite (NaN or inf). Lower the learning rate, check "
             "the inputs, or pass nonfinite='skip' to drop such terms with a warning."
@@ -358,83 +322,30 @@ class CommonRationale(nn.Module):
             works.
 
         Raises:
-            RuntimeError: If no online feature map was captured.
+            RuntimeError: If no online feature map was captured, or the loss depends on
+                none of them.
             FloatingPointError: On non-finite values with ``nonfinite="error"``.
         """
-        start = _clock(ssl_loss) if self.record else 0.0
-        if ssl_loss.dim() != 0 and ssl_loss.numel() == 1:
-            ssl_loss = ssl_loss.reshape(())
-        live = [i for i, site in enumerate(self.sites) if site.capture is not None]
-        outputs: List[Tensor] = []
-        owners: List[int] = []
-        for i in live:
-            capture = self.sites[i].capture
-            assert capture is not None
-            outputs.extend(capture.outputs)
-            owners.extend([i] * len(capture.outputs))
-        self.clear()
-        names = " or ".join(repr(self.sites[i].layer_name) for i in live)
-        if not outputs:
-            raise RuntimeError(
-                f"LCR captured no feature map with gradient at {names} during this training "
-                "step. The hooked layer must be on the online (gradient) path of the SSL loss "
-                "and the model must be in training mode; pass layer=<name> if the backbone "
-                "attribute is a momentum encoder."
-            )
-        reshape = self.capture.reshape
-        if len(live) > 1:  # online encoder not known yet: the loss path decides
-            cams = gradcam(
-                ssl_loss, outputs, mode=self.gradcam_mode, allow_unused=True, reshape=reshape
-            )
-            used = sorted({owners[j] for j, cam in enumerate(cams) if cam is not None})
-            if len(used) > 1:
-                raise RuntimeError(
-                    "The SSL loss depends on the feature maps of several encoders ("
-                    + ", ".join(repr(self.sites[i].layer_name) for i in used)
-                    + "); LCR trains one head on the online encoder. Freeze the momentum/"
-                    "teacher encoder (requires_grad=False or torch.no_grad) or pass layer=."
-                )
-            if used:
-                keep = [j for j, owner in enumerate(owners) if owner == used[0]]
-                outputs, cams = [outputs[j] for j in keep], [cams[j] for j in keep]
-                self._decide(used[0])
-            if self.views == "first":
-                outputs, cams = outputs[:1], cams[:1]
-        else:
-            if self.views == "first":
-                outputs = outputs[:1]
-            cams = gradcam(
-                ssl_loss, outputs, mode=self.gradcam_mode, allow_unused=True, reshape=reshape
-            )
-        self.batch_size = outputs[0].shape[0]
-        maps = [reshape(o) for o in outputs] if reshape is not None else outputs
-        pairs = [(f, c) for f, c in zip(maps, cams) if c is not None]
-        if not pairs:
-            raise RuntimeError(
-                f"The SSL loss does not depend on any feature map captured at {names}: the "
-                "hooked layer is not on the path from the online views to the loss. Pass "
-                "layer=<name> of the online encoder."
-            )
-        if not self._warned_single_position and all(f[0, 0].numel() == 1 for f, _ in pairs):
-            self._warned_single_position = True
-            warnings.warn(
-                f"LCR: the feature map at {names} is 1x1 (shape {tuple(pairs[0][0].shape)}): "
-                "with one position both softmaxes are 1, the KL is exactly 0 and the head "
-                "learns nothing. Use larger inputs (a stride-32 backbone needs >= 64 px).",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        start = clock(ssl_loss) if self.record else 0.0
+        ssl_loss = scalar_loss(ssl_loss, "kl_term's ssl_loss")
+        outputs, owners = self._captured()
+        decided = self.online_decided
+        if decided and self.views == "first":  # GradCAM of the first view only
+            outputs, owners = outputs[:1], owners[:1]
+        cams = gradcam(
+            ssl_loss, outputs, mode=self.gradcam_mode, allow_unused=True, reshape=self.reshape
+        )
+        if not decided:
+            outputs, cams = self._decide(outputs, owners, cams)
+        pairs = self._pairs(outputs, cams)
         if check_finite and not all(torch.isfinite(c).all() for _, c in pairs):
-            self._nonfinite("GradCAM of the SSL loss")
+            self.nonfinite_found("GradCAM of the SSL loss")
             return pairs[0][1].new_zeros(())  # skipped: a zero term keeps `loss + nu * kl` valid
-        terms, head_maps = [], []
-        for feature, cam in pairs:
-            head_map = self.head(feature.detach() if self.detach_features else feature)
-            head_maps.append(head_map)
-            terms.append(self.loss_fn(head_map, cam))
+        head_maps = [self.head(f.detach() if self.detach_features else f) for f, _ in pairs]
+        terms = [self.loss_fn(a, c) for a, (_, c) in zip(head_maps, pairs)]
         kl = torch.stack(terms).mean()
         if check_finite and not torch.isfinite(kl):
-            self._nonfinite("LCR KL term")
+            self.nonfinite_found("LCR KL term")
             return kl.new_zeros(())
         if self.record:
             self.last_step = StepRecord(
@@ -445,14 +356,82 @@ class CommonRationale(nn.Module):
                 kls=[t.detach() for t in terms],
                 kl=kl.detach(),
                 ssl_loss=ssl_loss.detach(),
-                seconds=_clock(ssl_loss) - start,
+                seconds=clock(ssl_loss) - start,
             )
         return kl
 
+    def _live_names(self) -> str:
+        return " or ".join(repr(s.layer_name) for s, c in zip(self.sites, self.captures) if c)
+
+    def _captured(self) -> Tuple[List[Tensor], List[int]]:
+        """The maps recorded since the last step and the index of the site of each."""
+        outputs: List[Tensor] = []
+        owners: List[int] = []
+        for i, capture in enumerate(self.captures):
+            if capture is not None:
+                outputs.extend(capture.outputs)
+                owners.extend([i] * len(capture.outputs))
+        self.clear()
+        if not outputs:
+            raise RuntimeError(
+                f"LCR captured no feature map with gradient at {self._live_names()} during "
+                "this training step. The hooked layer must be on the online (gradient) path "
+                "of the SSL loss and the model must be in training mode; pass layer=<name> "
+                "if the backbone attribute is a momentum encoder."
+            )
+        self.batch_size = outputs[0].shape[0]
+        return outputs, owners
+
+    def _decide(
+        self, outputs: List[Tensor], owners: List[int], cams: List[Optional[Tensor]]
+    ) -> Tuple[List[Tensor], List[Optional[Tensor]]]:
+        """First step with several candidates: keeps the maps of the one on the loss path."""
+        chosen = online_by_loss_path(cams, owners, [s.layer_name for s in self.sites])
+        if chosen is not None:
+            keep = [j for j, owner in enumerate(owners) if owner == chosen]
+            outputs, cams = [outputs[j] for j in keep], [cams[j] for j in keep]
+            order = [chosen] + [i for i in range(len(self.sites)) if i != chosen]
+            self.sites = tuple(replace(self.sites[i], online=i == chosen) for i in order)
+            for i in order[1:]:
+                capture = self.captures[i]
+                if capture is not None:
+                    capture.release()
+            self.captures = [self.captures[chosen]] + [None] * (len(order) - 1)
+            self.inference.make_online(chosen)
+        if self.views == "first":
+            outputs, cams = outputs[:1], cams[:1]
+        return outputs, cams
+
+    def _pairs(
+        self, outputs: List[Tensor], cams: List[Optional[Tensor]]
+    ) -> List[Tuple[Tensor, Tensor]]:
+        """(map, GradCAM) for each map the loss depends on; warns once on 1x1 maps."""
+        maps = [self.reshape(o) for o in outputs] if self.reshape is not None else outputs
+        pairs = [(f, c) for f, c in zip(maps, cams) if c is not None]
+        if not pairs:
+            raise RuntimeError(
+                "The SSL loss does not depend on any feature map captured at "
+                f"{self._live_names()}: the hooked layer is not on the path from the online "
+                "views to the loss. Pass layer=<name> of the online encoder."
+            )
+        if not self._warned_single_position and all(f[0, 0].numel() == 1 for f, _ in pairs):
+            self._warned_single_position = True
+            warnings.warn(
+                f"LCR: the feature map at {self._live_names()} is 1x1 (shape "
+                f"{tuple(pairs[0][0].shape)}): with one position both softmaxes are 1, the "
+                "KL is exactly 0 and the head learns nothing. Use larger inputs (a "
+                "stride-32 backbone needs >= 64 px).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return pairs
+
     def release(self) -> None:
         """Removes the capture and pooling hooks (the model's check: :func:`release`)."""
-        for site in self.sites:
-            site.release()
+        for capture in self.captures:
+            if capture is not None:
+                capture.release()
+        self.inference.release()
 
     def extra_repr(self) -> str:
         """Settings shown in ``repr``."""
@@ -463,42 +442,18 @@ class CommonRationale(nn.Module):
         )
 
 
-def _feature_path(
-    root: nn.Module,
-    layer: LayerSpec,
-    pool: LayerSpec,
-    reshape: Optional[Reshape],
-    in_channels: Optional[int],
-    prefix: str = "",
-) -> FeaturePath:
-    """:func:`find_feature_path`, with the channels checked against ``in_channels``.
-
-    ``prefix`` is the dotted name of ``root`` in the wrapped model (for messages).
-
-    When the dry forward cannot run (a backbone whose ``forward`` does not take an image
-    batch) an explicit ``layer`` and ``in_channels`` are enough, as before the dry
-    forward existed: no pool is inferred then.
-    """
-    try:
-        path = find_feature_path(root, layer=layer, pool=pool, reshape=reshape)
-    except DryForwardError:
-        if layer is None or in_channels is None:
-            raise
-        layer_name, layer_module = resolve_layer(root, layer)
-        pool_name, pool_module = resolve_layer(root, pool) if pool is not None else (None, None)
-        return FeaturePath(layer_name, layer_module, pool_name, pool_module, in_channels, ())
-    if in_channels is not None and in_channels != path.in_channels:
-        raise ValueError(
-            f"in_channels={in_channels}, but layer "
-            f"{'.'.join(filter(None, (prefix, path.layer_name)))!r} gives maps of shape "
-            f"{path.map_shape}: {path.in_channels} channels. Leave in_channels out (it is "
-            "read off the dry forward) or pass the right layer=."
-        )
-    return path
-
-
-# The keyword options of CommonRationale, which attach and with_common_rationale pass on.
-OPTIONS = tuple(p for p in inspect.signature(CommonRationale.__init__).parameters if p != "self")
+# The keyword options of CommonRationale that attach and with_common_rationale pass on
+# (the layer, pool, names and copies come from the resolver).
+OPTIONS = (
+    "detach_features",
+    "gradcam_mode",
+    "views",
+    "nonfinite",
+    "normalize",
+    "pool_in_training",
+    "weight",
+    "head_hidden",
+)
 
 
 def attach(
@@ -522,8 +477,8 @@ def attach(
         total.backward()
 
     The feature layer and the pool are found together by one dry forward of the
-    backbone (:func:`~lcr_lightly.layers.find_feature_path`): the head is trained on
-    exactly the tensor that the global average pool consumes at inference.
+    backbone (:func:`~lcr_lightly.resolve.resolve`): the head is trained on exactly the
+    tensor that the global average pool consumes at inference.
 
     Args:
         backbone: Module containing the feature layer (and its global pooling); its
@@ -535,7 +490,7 @@ def attach(
             consumes the layer's output, if any), name or module.
         in_channels: Channels of the feature map; read off the dry forward when None.
         reshape: Callable turning the layer output into a (B, C, H, W) map (inferred
-            for recognised ViTs).
+            for recognised ViTs and channels-last maps).
         **options: Further :class:`CommonRationale` options (``detach_features``,
             ``gradcam_mode``, ``views``, ``nonfinite``, ``normalize``,
             ``pool_in_training``).
@@ -549,19 +504,7 @@ def attach(
             candidates), or ``in_channels`` that disagree with the map.
     """
     check_options("attach", options, OPTIONS)
-    path = _feature_path(backbone, layer, pool, reshape, in_channels)
-    module = CommonRationale.from_path(path, k=k, loss=loss, reshape=reshape, **options)
-    _to_backbone(module, backbone)
+    resolution = resolve(backbone, layer, pool, in_channels, reshape)
+    module = CommonRationale.from_resolution(resolution, k=k, loss=loss, **options)
+    module.place_like(backbone)
     return module
-
-
-def _to_backbone(module: nn.Module, backbone: nn.Module) -> None:
-    """Puts LCR's head on the backbone's device, in its dtype if that is floating point.
-
-    A backbone converted as a whole (``.to(torch.bfloat16)``) gives bfloat16 maps,
-    which the head must accept; under autocast the parameters stay float32.
-    """
-    ref = next(backbone.parameters(), None)
-    if ref is None:
-        return
-    module.to(ref.device, ref.dtype if ref.is_floating_point() else None)

@@ -609,16 +609,16 @@ def test_functional_pooling_is_refused_at_wrap_time_with_what_to_pass() -> None:
         with_common_rationale(FunctionalPool(backbone, 512))
     message = str(err.value)
     assert message.startswith(
-        "ResNet has no global average pooling module (dry forward at 64x64 px): it pools "
+        "ResNet has no global average pooling module (dry forward at 224x224 px): it pools "
         "functionally (x.mean((2, 3)), F.adaptive_avg_pool2d) or its last map is already 1x1, "
         "so the head could not be trained on the map that is pooled at inference. Pass "
         "layer=<dotted name> to train on one of these maps (set_pooling('rationale') is then "
         "unavailable; pool with common_rationale.head.pool(map) yourself): "
-        "'layer4' (2, 512, 2, 2), "
+        "'layer4' (2, 512, 7, 7), "  # timm declares 224 px: pretrained_cfg
     )
     candidates = message.split("yourself): ")[1].rstrip(".").split(", '")
     assert len(candidates) == 8  # the last eight maps, the stage's output first
-    assert all(c.endswith("(2, 512, 2, 2)") for c in candidates)  # 64 px / stride 32
+    assert all(c.endswith("(2, 512, 7, 7)") for c in candidates)  # 224 px / stride 32
 
     # With layer= it trains as before; rationale pooling is then unavailable, loudly.
     model = with_common_rationale(FunctionalPool(backbone, 512), k=4, layer="backbone.layer4")
@@ -635,8 +635,9 @@ def test_max_pooling_is_refused_at_wrap_time() -> None:
         with_common_rationale(SimSiamClient(backbone, 512))
     assert str(err.value) == (
         "The global pooling of ResNet, 'global_pool.pool' (AdaptiveMaxPool2d), maps "
-        "(2, 512, 2, 2) to (2, 512, 1, 1) but is not average pooling (max, avg+max or "
-        "concatenated avg/max pooling). Rationale pooling replaces global average pooling "
+        "(2, 512, 7, 7) to (2, 512, 1, 1) but is not average pooling (max, avg+max or "
+        "concatenated avg/max pooling: its output is neither the channels-first nor the "
+        "channels-last spatial mean). Rationale pooling replaces global average pooling "
         "only; build the backbone with average pooling (timm: global_pool='avg')."
     )
 

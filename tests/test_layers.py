@@ -4,8 +4,7 @@ import torch
 import torchvision
 from torch import nn
 
-from lcr_lightly import find_feature_layer, find_global_pool, resolve_layer
-from lcr_lightly.layers import find_feature_path
+from lcr_lightly import find_feature_layer, find_feature_path, resolve_layer
 
 
 def test_torchvision_resnet():
@@ -13,7 +12,8 @@ def test_torchvision_resnet():
     name, layer = find_feature_layer(resnet)
     assert name == "layer4" and layer is resnet.layer4
     assert find_feature_path(resnet).in_channels == 512
-    assert find_global_pool(resnet, layer) == ("avgpool", resnet.avgpool)
+    path = find_feature_path(resnet, layer=layer)
+    assert (path.pool_name, path.pool) == ("avgpool", resnet.avgpool)
 
 
 def test_lightly_style_sequential_backbone():
@@ -21,7 +21,8 @@ def test_lightly_style_sequential_backbone():
     backbone = nn.Sequential(*list(resnet.children())[:-1])
     name, layer = find_feature_layer(backbone)
     assert name == "7" and layer is resnet.layer4
-    assert find_global_pool(backbone, layer) == ("8", resnet.avgpool)
+    path = find_feature_path(backbone, layer=layer)
+    assert (path.pool_name, path.pool) == ("8", resnet.avgpool)
 
 
 def test_timm_resnet():
@@ -29,7 +30,8 @@ def test_timm_resnet():
     name, layer = find_feature_layer(model)
     assert name == "layer4"
     # The innermost module that averages: a classifier added later is never replaced.
-    assert find_global_pool(model, layer) == ("global_pool.pool", model.global_pool.pool)
+    path = find_feature_path(model, layer=layer)
+    assert (path.pool_name, path.pool) == ("global_pool.pool", model.global_pool.pool)
     assert find_feature_path(model).in_channels == 512
 
 
@@ -72,14 +74,14 @@ def test_resolve_layer_messages_list_shallow_candidates_first_up_to_twelve():
         resolve_layer(nn.Sequential(nn.Linear(1, 1)), "x")
 
 
-def test_resolve_layer_without_a_layer_finds_it_and_refuses_other_types():
+def test_resolve_layer_refuses_other_types():
     resnet = torchvision.models.resnet18()
-    assert resolve_layer(resnet, None) == ("layer4", resnet.layer4)
-    with pytest.raises(TypeError) as info:
-        resolve_layer(resnet, 4)  # type: ignore[arg-type]
-    assert str(info.value) == (
-        "layer must be None, a dotted name or an nn.Module, not <class 'int'>."
-    )
+    for wrong in (None, 4):
+        with pytest.raises(TypeError) as info:
+            resolve_layer(resnet, wrong)  # type: ignore[arg-type]
+        assert str(info.value) == (
+            f"layer must be a dotted name or an nn.Module, not {type(wrong)}."
+        )
 
 
 def test_non_conv_backbone_raises():
@@ -104,7 +106,6 @@ def test_functional_pooling_is_refused_with_candidates():
     # An explicit layer still works; there is just no pool to replace.
     path = find_feature_path(model, layer="stage")
     assert (path.layer, path.pool, path.in_channels) == (model.stage, None, 4)
-    assert find_global_pool(model, model.stage) is None
 
 
 def test_feature_layer_is_the_module_whose_output_the_pool_consumes():
@@ -210,7 +211,10 @@ def test_a_dead_map_still_finds_its_average_pool():
 
 
 def test_one_by_one_map_is_refused():
-    net = nn.Sequential(nn.Conv2d(3, 4, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    # 1x1 at every dry-forward size: the images are averaged before the first conv
+    net = nn.Sequential(
+        nn.AdaptiveAvgPool2d(1), nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
     with pytest.raises(ValueError) as err:
         find_feature_layer(net)
     assert str(err.value) == (
@@ -221,6 +225,18 @@ def test_one_by_one_map_is_refused():
         "unavailable; pool with common_rationale.head.pool(map) yourself): no module returns "
         "a map of 2+ positions."
     )
+
+
+def test_a_stride_64_backbone_is_read_at_a_size_where_its_map_is_spatial():
+    # six stride-2 convs: 1x1 at 64 px, where the dry forward starts
+    convs = [nn.Conv2d(3 if i == 0 else 4, 4, 3, stride=2, padding=1) for i in range(6)]
+    net = nn.Sequential(*convs, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with torch.no_grad():
+        assert net[:6](torch.zeros(1, 3, 64, 64)).shape[-2:] == (1, 1)
+        side = net[:6](torch.zeros(1, 3, 224, 224)).shape[-1]  # ceil(224 / 64) = 4
+    path = find_feature_path(net)
+    assert (path.layer_name, path.pool_name, path.map_shape) == ("5", "6", (2, 4, side, side))
+    assert side == 4
 
 
 def test_explicit_pool_gives_its_producer_and_mismatch_is_refused():

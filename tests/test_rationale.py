@@ -258,7 +258,7 @@ class ImagesAndMask(nn.Module):
 
 
 def test_without_a_dry_forward_an_explicit_layer_pool_and_channels_are_enough():
-    from lcr_lightly.tracing import DryForwardError
+    from lcr_lightly.trace import DryForwardError
 
     backbone = ImagesAndMask()
     lcr = attach(backbone, k=4, layer="net.layer4", pool="net.avgpool", in_channels=16)

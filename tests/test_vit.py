@@ -6,6 +6,7 @@ from pytorch_lightning import LightningModule
 from torch import nn
 
 from lcr_lightly import FeatureCapture, gradcam, tokens_to_map, with_common_rationale
+from lcr_lightly.resolve import find_feature_path
 from lcr_lightly.tokens import find_token_layer
 from tests.conftest import loader, quiet_trainer, two_view_batch
 
@@ -50,7 +51,9 @@ class ViTSiamese(LightningModule):
 
 def test_detects_timm_lightly_and_torchvision_vits():
     avg = tiny_timm_vit("avg")
-    assert find_token_layer(avg)[:1] == ("blocks.1",) and find_token_layer(avg)[2:] == (32, 1)
+    found = find_token_layer(avg)
+    assert (found.name, found.width, found.reshape.num_prefix_tokens) == ("blocks.1", 32, 1)
+    assert found.reshape.grid == (4, 4)  # timm's patch_embed.grid_size at 32 px, 8 px patches
     token = tiny_timm_vit("token")
     assert find_token_layer(token)[0] == "blocks.0"  # class-token pooling: block before last
     from lightly.models.modules import MaskedVisionTransformerTIMM
@@ -60,8 +63,8 @@ def test_detects_timm_lightly_and_torchvision_vits():
     tv = torchvision.models.VisionTransformer(
         image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64
     )
-    name, layer, width, prefix = find_token_layer(tv)
-    assert (name, width, prefix) == ("encoder.layers.encoder_layer_0", 32, 1)
+    name, layer, width, reshape = find_token_layer(tv)
+    assert (name, width, reshape.num_prefix_tokens) == ("encoder.layers.encoder_layer_0", 32, 1)
     assert dict(tv.named_modules())[name] is layer
     assert find_token_layer(torchvision.models.resnet18()) is None
 
@@ -97,14 +100,12 @@ def test_tiny_vit_trains_two_steps_wrapped():
 
 @pytest.mark.parametrize(("class_token", "reg_tokens", "prefix"), [(True, 4, 5), (False, 0, 0)])
 def test_prefix_tokens_of_the_vit_are_dropped_from_the_map(class_token, reg_tokens, prefix):
-    from lcr_lightly.layers import find_feature_path
-
     torch.manual_seed(0)
     vit = tiny_timm_vit("avg", class_token=class_token, reg_tokens=reg_tokens)
     path = find_feature_path(vit)
-    assert (path.layer_name, path.num_prefix_tokens, path.map_shape) == (
+    assert (path.layer_name, path.layout, path.map_shape) == (
         "blocks.1",
-        prefix,
+        "tokens",
         (2, 32, 4, 4),  # the dry forward runs the declared 32 px: 4x4 patches of 8 px
     )
     tokens = torch.randn(2, prefix + 16, 32)
@@ -113,11 +114,14 @@ def test_prefix_tokens_of_the_vit_are_dropped_from_the_map(class_token, reg_toke
 
 
 def test_a_conv_layer_inside_a_vit_is_a_map_and_a_flat_output_is_refused():
-    from lcr_lightly.layers import find_feature_path
-
     vit = tiny_timm_vit("avg")
     path = find_feature_path(vit, layer="patch_embed.proj")  # the patchifying conv
-    assert (path.map_shape, path.num_prefix_tokens, path.pool) == ((2, 32, 4, 4), None, None)
+    assert (path.map_shape, path.layout, path.reshape, path.pool) == (
+        (2, 32, 4, 4),
+        "NCHW",
+        None,
+        None,
+    )
     with pytest.raises(ValueError) as err:
         find_feature_path(vit, layer="fc_norm")  # pooled tokens (B, C)
     assert str(err.value) == (
@@ -125,3 +129,24 @@ def test_a_conv_layer_inside_a_vit_is_a_map_and_a_flat_output_is_refused():
         "map. Choose a convolutional stage, or pass reshape= for token outputs of a backbone "
         "that is not a recognised ViT."
     )
+
+
+def test_a_vit_on_a_non_square_grid_is_read_on_its_declared_grid():
+    torch.manual_seed(0)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=(32, 64),
+        patch_size=8,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        num_classes=0,
+        global_pool="avg",
+    )
+    path = find_feature_path(vit)
+    assert (path.layout, path.map_shape) == ("tokens", (2, 32, 4, 8))  # 32/8 x 64/8 patches
+    tokens = torch.randn(2, 1 + 32, 32)
+    # token i of the patch sequence sits at row i // 8, column i % 8 (timm's raster order)
+    expected = torch.stack([tokens[:, 1 + i] for i in range(32)], dim=-1).reshape(2, 32, 4, 8)
+    torch.testing.assert_close(path.reshape(tokens), expected)

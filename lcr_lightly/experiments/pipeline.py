@@ -71,9 +71,9 @@ from lcr_lightly.experiments.config import (
 )
 from lcr_lightly.experiments.progress import LogProgress, quiet_lightning
 from lcr_lightly.experiments.provenance import provenance
+from lcr_lightly.lightning import with_common_rationale
 from lcr_lightly.models import METHODS, SmallResNet
 from lcr_lightly.models.pretrained import IMAGENET
-from lcr_lightly.wrap import with_common_rationale
 
 __all__ = [
     "DATASETS",

@@ -4,8 +4,8 @@
 a ``backbone`` attribute and a ``training_step`` that returns a loss) in place:
 
 * the feature map and the global average pool are found together by a dry forward at
-  wrap time (:func:`lcr_lightly.layers.find_feature_path`): the head is trained on
-  exactly the tensor that the pool consumes at inference;
+  wrap time (:func:`lcr_lightly.resolve.resolve`): the head is trained on exactly the
+  tensor that the pool consumes at inference;
 * a forward hook on that layer of the online encoder records its feature maps
   (:mod:`lcr_lightly.encoders` says which encoder is online when the model also has a
   momentum or teacher copy);
@@ -22,26 +22,18 @@ directly (see the README's functional API).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Iterable, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from lcr_lightly._validation import check_options
 from lcr_lightly.capture import Reshape
-from lcr_lightly.encoders import encoder_group
 from lcr_lightly.hooks import remove_hooks
-from lcr_lightly.layers import LayerSpec, resolve_layer
+from lcr_lightly.layers import LayerSpec
 from lcr_lightly.losses import GradCAMFitLoss
-from lcr_lightly.rationale import (
-    OPTIONS,
-    CommonRationale,
-    FeatureSite,
-    _feature_path,
-    _to_backbone,
-)
-
-SUBMODULE = "common_rationale"
+from lcr_lightly.rationale import OPTIONS, SUBMODULE, CommonRationale, scalar_loss
+from lcr_lightly.resolve import resolve
 
 
 def _loss_of(output: Any) -> Optional[Tensor]:
@@ -82,7 +74,7 @@ class _TrainingStep(_MethodWrapper):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         model = self.model
-        lcr: CommonRationale = getattr(model, SUBMODULE)
+        lcr = CommonRationale.of(model)
         lcr.clear()
         output = self.call_original(*args, **kwargs)
         try:
@@ -92,13 +84,7 @@ class _TrainingStep(_MethodWrapper):
                     f"{type(model).__name__}.training_step returned {type(output).__name__}; "
                     "LCR needs a scalar loss tensor or a dict with a 'loss' tensor."
                 )
-            if loss.dim() != 0:
-                if loss.numel() != 1:
-                    raise TypeError(
-                        f"{type(model).__name__}.training_step returned a loss of shape "
-                        f"{tuple(loss.shape)}; LCR needs a scalar (or one element)."
-                    )
-                loss = loss.reshape(())  # e.g. lightly's SwaVLoss returns shape (1,)
+            loss = scalar_loss(loss, f"{type(model).__name__}.training_step")
             try:
                 kl = lcr.kl_term(loss, check_finite=False)
             except RuntimeError as err:
@@ -115,9 +101,9 @@ class _TrainingStep(_MethodWrapper):
         total = loss + lcr.weight * kl
         if not torch.isfinite(total):  # the step's only device sync; diagnose below
             if not torch.isfinite(loss):
-                lcr._nonfinite("SSL loss returned by training_step")
+                lcr.nonfinite_found("SSL loss returned by training_step")
                 return None
-            lcr._nonfinite("LCR KL term (GradCAM of the SSL loss or head map)")
+            lcr.nonfinite_found("LCR KL term (GradCAM of the SSL loss or head map)")
             return output
         log = getattr(model, "log", None)
         if getattr(model, "_trainer", None) is not None and callable(log):
@@ -184,7 +170,7 @@ class _ConfigureOptimizers(_MethodWrapper):
                 "LCR cannot add the head's parameters. Add "
                 "model.common_rationale.parameters() to your optimizer yourself."
             )
-        add_missing_params(optimizers, getattr(model, SUBMODULE).parameters())
+        add_missing_params(optimizers, CommonRationale.of(model).parameters())
         return result
 
 
@@ -205,10 +191,10 @@ def with_common_rationale(
     Without ``layer``/``pool``: the online encoder is found among the model's encoders
     (:mod:`lcr_lightly.encoders`: ``backbone``, or DINO's ``student_backbone`` when
     ``backbone`` is the teacher), and one dry forward of it finds the feature map and
-    the global average pool that consumes it
-    (:func:`~lcr_lightly.layers.find_feature_path`). The same layer and pool of the
-    encoder's momentum/teacher copies are hooked too: at inference every copy pools
-    with the head, so ``forward`` uses rationale pooling whichever copy it evaluates.
+    the global average pool that consumes it (:func:`~lcr_lightly.resolve.resolve`).
+    The same layer and pool of the encoder's momentum/teacher copies are hooked too: at
+    inference every copy pools with the head, so ``forward`` uses rationale pooling
+    whichever copy it evaluates.
 
     Args:
         model: A module with a ``training_step`` returning a scalar (or one-element)
@@ -257,7 +243,9 @@ def with_common_rationale(
             "lcr_lightly.attach(model.backbone) and add lcr.kl_term(loss) before backward."
         )
     options = dict(options, weight=weight, detach_features=detach_features)
-    lcr = _attach_to_model(model, k, loss, layer, pool, in_channels, reshape, options)
+    resolution = resolve(model, layer, pool, in_channels, reshape, model=True, exclude=(SUBMODULE,))
+    lcr = CommonRationale.from_resolution(resolution, k=k, loss=loss, **options)
+    lcr.place_like(model.get_submodule(resolution.sites[0].encoder))
     lcr.watch(model)
     model.add_module(SUBMODULE, lcr)
     # Instance attributes shadow the class's methods; ``release`` deletes them again.
@@ -266,85 +254,6 @@ def with_common_rationale(
         original = model.__dict__.get("configure_optimizers")
         model.__dict__["configure_optimizers"] = _ConfigureOptimizers(model, original)
     return model
-
-
-def _attach_to_model(
-    model: nn.Module,
-    k: int,
-    loss: Optional[GradCAMFitLoss],
-    layer: LayerSpec,
-    pool: LayerSpec,
-    in_channels: Optional[int],
-    reshape: Optional[Reshape],
-    options: Dict[str, Any],
-) -> CommonRationale:
-    """Finds the online encoder's group, traces one member and hooks them all."""
-    children = dict(model.named_children())
-    explicit = layer if layer is not None else pool
-    if explicit is None:
-        group = encoder_group(model, exclude=(SUBMODULE,))
-        primary, online = group.online[0], group.online
-        rel_layer: LayerSpec = None
-        rel_pool: LayerSpec = None
-    else:
-        name = resolve_layer(model, explicit)[0]
-        if not name:
-            raise ValueError(f"layer=/pool= must name a module inside {type(model).__name__}.")
-        primary = name.split(".")[0]
-        group = encoder_group(model, primary=primary, exclude=(SUBMODULE,))
-        online = (primary,)  # the user named the online encoder
-
-        def relative(spec: LayerSpec) -> LayerSpec:
-            if spec is None:
-                return None
-            full = resolve_layer(model, spec)[0]
-            if full != primary and not full.startswith(primary + "."):
-                raise ValueError(f"layer= and pool= must be in the same encoder ({primary!r}).")
-            return full[len(primary) + 1 :] if full != primary else ""
-
-        rel_layer, rel_pool = relative(layer), relative(pool)
-    path = _feature_path(children[primary], rel_layer, rel_pool, reshape, in_channels, primary)
-
-    def dotted(encoder: str, inner: Optional[str]) -> Optional[str]:
-        if inner is None:
-            return None
-        return f"{encoder}.{inner}" if inner else encoder
-
-    copies: List[FeatureSite] = []
-    for member in group.members:
-        if member == primary:
-            continue
-        modules = dict(children[member].named_modules())
-        copy_layer = modules.get(path.layer_name)
-        copy_pool = modules.get(path.pool_name) if path.pool_name is not None else None
-        if copy_layer is None or type(copy_layer) is not type(path.layer):
-            continue
-        copies.append(
-            FeatureSite(
-                dotted(member, path.layer_name) or member,
-                copy_layer,
-                dotted(member, path.pool_name) if copy_pool is not None else None,
-                copy_pool,
-                member in online,
-            )
-        )
-    lcr = CommonRationale.from_path(
-        path, prefix=primary, reshape=reshape, k=k, loss=loss, copies=copies, **options
-    )
-    _to_backbone(lcr, children[primary])
-    return lcr
-
-
-def _lcr_of(model: nn.Module) -> CommonRationale:
-    lcr = getattr(model, SUBMODULE, None)
-    if isinstance(model, CommonRationale):
-        return model
-    if not isinstance(lcr, CommonRationale):
-        raise ValueError(
-            f"{type(model).__name__} is not wrapped with with_common_rationale "
-            f"(no '{SUBMODULE}' submodule)."
-        )
-    return lcr
 
 
 def set_pooling(model: nn.Module, mode: str) -> nn.Module:
@@ -360,7 +269,7 @@ def set_pooling(model: nn.Module, mode: str) -> nn.Module:
     Returns:
         The model.
     """
-    _lcr_of(model).set_pooling(mode)
+    CommonRationale.of(model).set_pooling(mode)
     return model
 
 
@@ -373,7 +282,7 @@ def release(model: nn.Module) -> CommonRationale:
     Returns:
         The removed ``common_rationale`` module (holding the trained head).
     """
-    lcr = _lcr_of(model)
+    lcr = CommonRationale.of(model)
     lcr.release()
     remove_hooks(model)
     for name, wrapper in (

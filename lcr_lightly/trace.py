@@ -15,16 +15,18 @@ module updates buffers in eval mode). The global random number generator is not 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-# Input side of the dry forward: 64 px gives a 2x2 map at stride 32 (64 x 64 px is also
-# the smallest input of the test matrix). 224 px is the retry when 64 px fails (a
-# fixed-size AvgPool2d(7), a stem that needs more pixels).
-DRY_SIZES = (64, 224)
+# Input side of the dry forward of a backbone that declares no size: 64 px gives a 2x2
+# map at stride 32 and keeps the dry forward cheap; 224 px is the retry when 64 px fails
+# or leaves no spatial map (a fixed-size AvgPool2d(7), a stride-64 network).
+DRY_SIZES = ((64, 64), (224, 224))
 DRY_BATCH = 2
+
+Size = Tuple[int, int]  # (H, W) of the dry input
 
 
 class DryForwardError(RuntimeError):
@@ -69,12 +71,10 @@ class Trace:
     Attributes:
         calls: Every module call.
         images: The random input batch (B, C, S, S).
-        output: The root's output tensor (or its first tensor).
     """
 
     calls: List[ModuleCall] = field(default_factory=list)
     images: Optional[Tensor] = None
-    output: Optional[Tensor] = None
 
     @property
     def input_shape(self) -> Tuple[int, ...]:
@@ -117,27 +117,56 @@ def input_channels(root: nn.Module) -> int:
     return conv.in_channels if conv is not None else 3
 
 
-def declared_size(root: nn.Module) -> Optional[int]:
-    """The input side a backbone is built for, when it declares one (ViT patch embeds).
+def _pair(size: object) -> Optional[Size]:
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, (tuple, list)) and len(size) >= 2 and isinstance(size[-1], int):
+        return int(size[-2]), int(size[-1])
+    return None
 
-    timm's ``PatchEmbed`` has ``img_size`` (H, W), torchvision's ``VisionTransformer``
-    has ``image_size``. Convolutional backbones declare nothing and accept any size.
+
+def declared_size(root: nn.Module) -> Optional[Size]:
+    """The input size (H, W) a backbone is built for, when it declares one.
+
+    ViT/Swin patch embeddings were built for ``img_size`` (torchvision's
+    ``VisionTransformer``: ``image_size``); other timm models declare the size they were
+    trained at in ``pretrained_cfg["input_size"]`` (``default_cfg`` in older versions).
+    Other backbones declare nothing.
 
     Args:
         root: The backbone.
 
     Returns:
-        The side in pixels, or None.
+        (H, W) in pixels, or None.
     """
-    for module in root.modules():
+    for module in root.modules():  # the size a patch embedding was built for comes first
         size = getattr(module, "img_size", None)
-        if size is None:
-            size = getattr(module, "image_size", None)
-        if isinstance(size, int):
+        size = _pair(size if size is not None else getattr(module, "image_size", None))
+        if size is not None:
             return size
-        if isinstance(size, (tuple, list)) and size and isinstance(size[0], int):
-            return int(size[0])
+    for module in root.modules():
+        for cfg in (getattr(module, "pretrained_cfg", None), getattr(module, "default_cfg", None)):
+            size = cfg.get("input_size") if isinstance(cfg, dict) else None
+            if isinstance(size, (tuple, list)) and len(size) == 3:
+                return _pair(size)
     return None
+
+
+def dry_sizes(root: nn.Module) -> Tuple[Size, ...]:
+    """The input sizes (H, W) a dry forward of ``root`` tries, in order.
+
+    The declared size first (a ViT's patch embedding may accept only that one; a timm
+    CNN runs there as in use), then :data:`DRY_SIZES`.
+    """
+    declared = declared_size(root)
+    if declared is None:
+        return DRY_SIZES
+    # patch embeddings of a fixed size refuse every other one
+    if any(
+        getattr(m, "strict_img_size", False) or hasattr(m, "image_size") for m in root.modules()
+    ):
+        return (declared,)
+    return (declared,) + tuple(s for s in DRY_SIZES if s != declared)
 
 
 def _reference(root: nn.Module) -> Tuple[torch.device, torch.dtype]:
@@ -147,14 +176,24 @@ def _reference(root: nn.Module) -> Tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def _dry_input(root: nn.Module, size: int) -> Tensor:
+def dry_input(root: nn.Module, size: Union[int, Size]) -> Tensor:
+    """The seeded random batch of a dry forward, on the device and in the dtype of ``root``.
+
+    Args:
+        root: The module the batch is for.
+        size: Side, or (H, W), in pixels.
+
+    Returns:
+        (DRY_BATCH, C, H, W) with C the channels of ``root``'s first convolution.
+    """
+    height, width = _pair(size) or (0, 0)
     device, dtype = _reference(root)
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(DRY_BATCH, input_channels(root), size, size, generator=generator)
+    x = torch.randn(DRY_BATCH, input_channels(root), height, width, generator=generator)
     return x.to(device=device, dtype=dtype)
 
 
-def trace_forward(root: nn.Module, sizes: Optional[Sequence[int]] = None) -> Trace:
+def trace_forward(root: nn.Module, sizes: Optional[Sequence[Union[int, Size]]] = None) -> Trace:
     """Runs one dry forward of ``root`` and records every module call.
 
     Eval mode, ``torch.no_grad``, a seeded random batch of ``DRY_BATCH`` images on the
@@ -163,8 +202,8 @@ def trace_forward(root: nn.Module, sizes: Optional[Sequence[int]] = None) -> Tra
 
     Args:
         root: The backbone (a module whose ``forward`` takes an image batch).
-        sizes: Input sides to try in order until one runs; the declared size of a ViT,
-            else :data:`DRY_SIZES`, when None.
+        sizes: Input sides or (H, W) sizes to try in order until one runs;
+            :func:`dry_sizes` when None.
 
     Returns:
         The recorded calls.
@@ -173,19 +212,24 @@ def trace_forward(root: nn.Module, sizes: Optional[Sequence[int]] = None) -> Tra
         DryForwardError: If the forward fails at every size.
     """
     if sizes is None:
-        declared = declared_size(root)
-        sizes = (declared,) if declared is not None else DRY_SIZES
+        sizes = dry_sizes(root)
     errors = []
     for size in sizes:
         try:
-            return _trace_once(root, _dry_input(root, size))
+            return _trace_once(root, dry_input(root, size))
         except Exception as err:  # noqa: BLE001 - any failure means: try another size
-            errors.append(f"{size} px: {type(err).__name__}: {err}")
+            errors.append(f"{size_text(size)} px: {type(err).__name__}: {err}")
     raise DryForwardError(
         f"The dry forward of {type(root).__name__} (used to find the feature map and the "
         "global pooling) failed: " + "; ".join(errors) + ". Pass layer=, pool= and "
         "in_channels= explicitly."
     )
+
+
+def size_text(size: Union[int, Size]) -> str:
+    """``"64"`` for a square size, ``"32x64"`` otherwise (for messages)."""
+    height, width = _pair(size) or (0, 0)
+    return str(height) if height == width else f"{height}x{width}"
 
 
 def _trace_once(root: nn.Module, x: Tensor) -> Trace:
@@ -225,7 +269,7 @@ def _trace_once(root: nn.Module, x: Tensor) -> Trace:
             handles.append(module.register_forward_hook(post_hook))
         root.eval()
         with torch.no_grad():
-            trace.output = _first_tensor(root(x))
+            root(x)
     finally:
         for handle in handles:
             handle.remove()

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from lcr_lightly import CommonRationale, GradCAMFitLoss, attach, with_common_rationale
+from tests import reference as by_hand
 from tests.conftest import ToySiamese, tiny_resnet, two_view_batch
 
 
@@ -148,13 +149,13 @@ def _outputs_of(layer: nn.Module, run):
 
 
 def _reference_kls(lcr, layer: nn.Module, run_loss, reshape=None):
-    """Per-view KLs by hand: own hook, autograd GradCAM in float32, the head and the loss."""
+    """Per-view KLs by hand: own hook, autograd GradCAM in float32, head and loss by hand."""
     loss, outputs = _outputs_of(layer, run_loss)
     grads = torch.autograd.grad(loss, outputs, retain_graph=True)
     if reshape is not None:
         outputs, grads = [reshape(t) for t in outputs], [reshape(g) for g in grads]
     cams = [torch.relu((f.float() * g.float()).sum(dim=1)) for f, g in zip(outputs, grads)]
-    return loss, [lcr.loss_fn(lcr.head(f), c) for f, c in zip(outputs, cams)]
+    return loss, [by_hand.kl_term(lcr, f, c) for f, c in zip(outputs, cams)]
 
 
 def _two_view_loss(encode):
@@ -292,7 +293,8 @@ def test_a_bfloat16_backbone_gets_a_bfloat16_head_and_trains_it():
     assert {p.dtype for p in lcr.parameters()} == {torch.bfloat16}
     x = torch.randn(2, 3, 32, 32, dtype=torch.bfloat16)
     loss, (kl,) = _reference_kls(lcr, backbone.layer4, lambda: backbone(x).float().pow(2).sum())
-    torch.testing.assert_close(lcr.kl_term(loss), kl)
+    # the hand head rounds in bfloat16 at other steps than nn.BatchNorm2d (8 bits: ~0.4 %)
+    torch.testing.assert_close(lcr.kl_term(loss), kl, rtol=2e-2, atol=0)
     model = with_common_rationale(ToySiamese().to(torch.bfloat16), k=4)
     assert {p.dtype for p in model.common_rationale.parameters()} == {torch.bfloat16}
 
@@ -402,7 +404,7 @@ def test_channel_gradcam_mode_reaches_the_kl_on_one_or_several_encoders(copies):
     channel = torch.relu((grad.mean(dim=(2, 3), keepdim=True) * feats[0]).sum(dim=1))
     elementwise = torch.relu((grad * feats[0]).sum(dim=1))
     assert not torch.allclose(channel, elementwise)
-    expected = lcr.loss_fn(lcr.head(feats[0]), channel)
+    expected = by_hand.kl_term(lcr, feats[0], channel)
     torch.testing.assert_close(lcr.kl_term(loss), expected)
 
 

@@ -21,6 +21,7 @@ from lcr_lightly import (
     with_common_rationale,
 )
 from lcr_lightly.models import BYOL, MoCoV2
+from tests import reference as by_hand
 from tests.conftest import ToySiamese, loader, quiet_trainer, tiny_resnet, two_view_batch
 
 
@@ -387,10 +388,12 @@ def test_step_record_holds_what_the_step_computed(toy):
     for i, (f, g) in enumerate(zip(maps, grads)):
         torch.testing.assert_close(step.maps[i], f.detach())
         torch.testing.assert_close(step.gradcams[i], torch.relu((f * g).sum(1)))
-        torch.testing.assert_close(step.head_maps[i], head(f).detach())
+        torch.testing.assert_close(step.head_maps[i], by_hand.head_map(head, f).detach())
     torch.testing.assert_close(step.ssl_loss, ssl.detach())
     torch.testing.assert_close(total.detach(), ssl.detach() + 0.37 * step.kl)
-    torch.testing.assert_close(step.kl, torch.stack(step.kls).mean())
+    kls = [by_hand.kl_term(lcr, f, c) for f, c in zip(step.maps, step.gradcams)]
+    torch.testing.assert_close(step.kls, [k.detach() for k in kls])
+    torch.testing.assert_close(step.kl, (sum(kls) / len(kls)).detach())
     assert step.layer_name == "backbone.layer4" and step.seconds > 0
 
 

@@ -30,7 +30,7 @@ MoCo's queue) and silences the step's ``self.log`` calls.
 """
 
 from lcr_lightly.callbacks.isolation import untouched
-from lcr_lightly.callbacks.maps import RationaleMaps, two_view_batch
+from lcr_lightly.callbacks.maps import MakeBatch, RationaleMaps, two_view_batch
 from lcr_lightly.callbacks.retrieval import RetrievalMonitor
 
-__all__ = ["RationaleMaps", "RetrievalMonitor", "two_view_batch", "untouched"]
+__all__ = ["MakeBatch", "RationaleMaps", "RetrievalMonitor", "two_view_batch", "untouched"]

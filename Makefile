@@ -34,7 +34,7 @@ test: lint typecheck pytest
 # Results are cached in mutants/: a second run re-tests only what changed.
 mutate: $(STAMP)
 	$(BIN)/mutmut run --max-children 2
-	$(BIN)/python benchmarks/mutation_score.py
+	$(BIN)/python benchmarks/mutation_score.py --out docs/mutation.md
 
 clean:
 	rm -rf $(VENV) outputs mutants .pytest_cache .mypy_cache .ruff_cache

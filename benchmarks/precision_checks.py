@@ -44,7 +44,7 @@ def scaling_effect(model: nn.Module, views: List[Tensor], labels: Tensor) -> flo
     default scaling against no scaling.
     """
     lcr = model.common_rationale
-    with FeatureCapture(lcr.capture.layer) as capture:
+    with FeatureCapture(lcr.layer) as capture:
         loss = type(model).training_step(model, (views, labels), 0)
         maps = capture.outputs[:1]
         (cam,), (plain,) = gradcam(loss, maps), gradcam(loss, maps, loss_scale=1.0)

@@ -1,32 +1,25 @@
 """Prints the README table of tested backbones and SSL methods with what LCR hooks.
 
 Every row is produced by the resolver itself: the backbones and method modules of
-``tests/test_clients.py`` are wrapped with ``with_common_rationale(model)`` (no
-``layer=``/``pool=``), and the layer the head trains on, its map in the dry forward and
-the pools replaced at inference are read off the wrapped model. Methods whose online
-encoder is decided at the first training step (DINO: both encoders require gradient
-when wrapped) take one step first, after ``on_train_start`` as Lightning would.
+``tests/clients.py`` (checked by ``tests/test_clients.py``) are wrapped with
+``with_common_rationale(model)`` (no ``layer=``/``pool=``), and the layer the head
+trains on, its map in the dry forward and the pools replaced at inference are read off
+the wrapped model. Methods whose online encoder is decided at the first training step
+(DINO: both encoders require gradient when wrapped) take one step first, after
+``on_train_start`` as Lightning would.
 
-    python benchmarks/resolved_layers.py
+Run it from the repository root as a module (it imports the ``tests`` package)::
+
+    python -m benchmarks.resolved_layers
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # for tests.test_clients
-
-from lcr_lightly import release, with_common_rationale  # noqa: E402
-from lcr_lightly.layers import find_feature_path  # noqa: E402
-from tests.test_clients import (  # noqa: E402
-    BACKBONES,
-    CLIENTS,
-    SimSiamClient,
-    _features_dim,
-)
+from lcr_lightly import release, with_common_rationale
+from lcr_lightly.layers import find_feature_path
+from tests.clients import BACKBONES, CLIENTS, SimSiamClient, features_dim
 
 
 def _shape(shape: tuple) -> str:
@@ -41,7 +34,7 @@ def main() -> None:
         torch.manual_seed(0)
         backbone = spec.build()
         path = find_feature_path(backbone)
-        model = with_common_rationale(SimSiamClient(backbone, _features_dim(backbone, spec.size)))
+        model = with_common_rationale(SimSiamClient(backbone, features_dim(backbone, spec.size)))
         lcr = model.common_rationale
         pools = ", ".join(f"`{p}`" for p in lcr.pool_names) or "none (tokens pooled functionally)"
         print(f"| {name} | `{lcr.layer_name}` ({_shape(path.map_shape)}) | {pools} |")

@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Se
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -345,14 +346,11 @@ def search_figure(
     Returns:
         ``path`` as a Path.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     k = max((len(p) for p in result.paths), default=0)
     rows = len(queries)
-    fig, axes = plt.subplots(rows, k + 1, figsize=(thumb * (k + 1), thumb * rows), squeeze=False)
+    # a Figure, not pyplot: the user's backend and pyplot's figure list stay as they are
+    fig = Figure(figsize=(thumb * (k + 1), thumb * rows))
+    axes = fig.subplots(rows, k + 1, squeeze=False)
     for r, query in enumerate(queries):
         axes[r][0].imshow(read_image(query))
         axes[r][0].set_title("query", fontsize=8, color="tab:blue")
@@ -366,5 +364,4 @@ def search_figure(
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=80)
-    plt.close(fig)
     return Path(path)

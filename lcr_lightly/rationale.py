@@ -194,15 +194,21 @@ class CommonRationale(nn.Module):
         Raises:
             ValueError: If the model is not wrapped.
         """
-        if isinstance(model, CommonRationale):
-            return model
-        lcr = getattr(model, SUBMODULE, None)
-        if not isinstance(lcr, CommonRationale):
+        lcr = cls.find(model)
+        if lcr is None:
             raise ValueError(
                 f"{type(model).__name__} is not wrapped with with_common_rationale "
                 f"(no '{SUBMODULE}' submodule)."
             )
         return lcr
+
+    @classmethod
+    def find(cls, model: nn.Module) -> Optional[CommonRationale]:
+        """Like :meth:`of`, but None for a model that is not wrapped."""
+        if isinstance(model, CommonRationale):
+            return model
+        lcr = getattr(model, SUBMODULE, None)
+        return lcr if isinstance(lcr, CommonRationale) else None
 
     def place_like(self, backbone: nn.Module) -> None:
         """Moves the head to the backbone's device, and dtype if floating point.

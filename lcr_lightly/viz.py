@@ -2,6 +2,10 @@
 
 GradCAM of the SSL loss beside the learned rationale and the feature norm, the K
 projection maps ranked by variance, and samples of the synthetic set with their masks.
+
+Figures are built as ``matplotlib.figure.Figure`` objects and written with
+``Figure.savefig`` (which renders with Agg for PNG), never through pyplot: importing or
+calling this module leaves the user's backend and pyplot's figure list alone.
 """
 
 from __future__ import annotations
@@ -9,19 +13,16 @@ from __future__ import annotations
 import copy
 from typing import Any, Dict, List, Optional, Sequence
 
-import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from torch import Tensor, nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-
-from lcr_lightly.capture import FeatureCapture  # noqa: E402
-from lcr_lightly.gradcam import gradcam  # noqa: E402
-from lcr_lightly.pooling import minmax_normalize  # noqa: E402
-from lcr_lightly.rationale import CommonRationale  # noqa: E402
+from lcr_lightly.capture import FeatureCapture
+from lcr_lightly.gradcam import gradcam
+from lcr_lightly.pooling import minmax_normalize
+from lcr_lightly.rationale import CommonRationale
 
 _MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 _STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
@@ -30,13 +31,6 @@ _STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
 def denormalize(images: Tensor) -> np.ndarray:
     """ImageNet-normalised (B, 3, H, W) tensors to (B, H, W, 3) arrays in [0, 1]."""
     return (images.detach().cpu() * _STD + _MEAN).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-
-
-def _lcr(model: nn.Module) -> CommonRationale:
-    lcr = getattr(model, "common_rationale", None)
-    if not isinstance(lcr, CommonRationale):
-        raise ValueError("The model is not wrapped with with_common_rationale.")
-    return lcr
 
 
 def ssl_gradcam(model: nn.Module, views: Sequence[Tensor]) -> Tensor:
@@ -52,14 +46,14 @@ def ssl_gradcam(model: nn.Module, views: Sequence[Tensor]) -> Tensor:
     Returns:
         Per-image max-normalised GradCAM maps (B, h, w).
     """
-    lcr = _lcr(model)
+    lcr = CommonRationale.of(model)
     twin: Any = copy.deepcopy(model)
     twin.train()
-    twin_lcr = _lcr(twin)
-    layer = twin_lcr.capture.layer
-    twin_lcr.capture.release()
+    twin_lcr = CommonRationale.of(twin)
+    layer = twin_lcr.layer
+    twin_lcr.release()
     labels = torch.zeros(len(views[0]), dtype=torch.long)
-    with torch.enable_grad(), FeatureCapture(layer, reshape=lcr.capture.reshape) as tap:
+    with torch.enable_grad(), FeatureCapture(layer, reshape=lcr.reshape) as tap:
         loss = type(twin).training_step(twin, (list(views), labels), 0)
         loss = loss["loss"] if isinstance(loss, dict) else loss
         (cam,) = gradcam(loss, tap.outputs[:1], reshape=tap.reshape)
@@ -77,13 +71,13 @@ def rationale_maps(model: nn.Module, images: Tensor) -> Dict[str, Tensor]:
     Returns:
         ``{"rationale": (B, h, w), "projections": (B, K, h, w), "features": (B, C, h, w)}``.
     """
-    lcr = _lcr(model)
+    lcr = CommonRationale.of(model)
     was = model.training
     model.eval()
     with (
         torch.no_grad(),
         FeatureCapture(
-            lcr.capture.layer, reshape=lcr.capture.reshape, training_only=False, require_grad=False
+            lcr.layer, reshape=lcr.reshape, training_only=False, require_grad=False
         ) as tap,
     ):
         model(images)
@@ -180,9 +174,8 @@ def rationale_figure(
     pics = denormalize(images)
     vis = denormalize(views[0])
     n = len(images)
-    fig, axes = plt.subplots(
-        n, 4, figsize=(9.0, 2.1 * n + 0.3), squeeze=False, layout="constrained"
-    )
+    fig = Figure(figsize=(9.0, 2.1 * n + 0.3), layout="constrained")
+    axes = fig.subplots(n, 4, squeeze=False)
     shown = None
     for i in range(n):
         top = i == 0
@@ -200,7 +193,6 @@ def rationale_figure(
         axes[0, 0].set_title(f"{titles[0]} (cyan: parts)", fontsize=9)
     bar.ax.tick_params(labelsize=7)
     fig.savefig(out_path, dpi=120)
-    plt.close(fig)
     return out_path
 
 
@@ -241,7 +233,7 @@ def prune_head(model: nn.Module, keep: Sequence[int]) -> nn.Module:
     Returns:
         The model.
     """
-    head = _lcr(model).head
+    head = CommonRationale.of(model).head
     if head.mlp is not None:
         raise ValueError("prune_head supports the 1x1-conv head only, not an MLP head.")
     idx = torch.as_tensor(list(keep), dtype=torch.long)
@@ -278,9 +270,8 @@ def projection_figure(
     order = order[:top]
     pics = denormalize(images)
     n = len(images)
-    fig, axes = plt.subplots(
-        n, len(order) + 1, figsize=(1.4 * (len(order) + 1), 1.4 * n), squeeze=False
-    )
+    fig = Figure(figsize=(1.4 * (len(order) + 1), 1.4 * n))
+    axes = fig.subplots(n, len(order) + 1, squeeze=False)
     for i in range(n):
         _overlay(axes[i, 0], pics[i], None, "image" if i == 0 else "")
         for j, k in enumerate(order.tolist()):
@@ -288,7 +279,6 @@ def projection_figure(
             _overlay(axes[i, j + 1], pics[i], heat, f"proj {k}" if i == 0 else "")
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
-    plt.close(fig)
     return out_path
 
 
@@ -307,7 +297,8 @@ def synthetic_grid(dataset: Any, out_path: str, per_class: int = 1, classes: int
     idx: List[int] = []
     for c in range(min(classes, dataset.num_classes)):
         idx += [c * dataset.images_per_class + j for j in range(per_class)]
-    fig, axes = plt.subplots(3, len(idx), figsize=(1.5 * len(idx), 4.8), squeeze=False)
+    fig = Figure(figsize=(1.5 * len(idx), 4.8))
+    axes = fig.subplots(3, len(idx), squeeze=False)
     for col, i in enumerate(idx):
         s = dataset.sample(i)
         axes[0, col].imshow(s["image"])
@@ -324,5 +315,4 @@ def synthetic_grid(dataset: Any, out_path: str, per_class: int = 1, classes: int
     )
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
-    plt.close(fig)
     return out_path

@@ -380,3 +380,46 @@ def test_results_tables_formatting_on_a_hand_computed_example(tmp_path):
     md.write_text(text.replace("{run: base, pool: gap}", "{run: bsae, pool: gap}"))
     res = _results_tables(str(md), "--check")
     assert res.returncode == 2 and "no run 'bsae'" in res.stderr
+
+
+def test_mutation_score_writes_the_table_and_every_survivor(tmp_path):
+    """Fake mutmut results: the report's counts are those computed here by hand."""
+    pytest.importorskip("mutmut")
+    mutants = tmp_path / "mutants" / "lcr_lightly"
+    (mutants / "eval").mkdir(parents=True)
+    # mutmut's exit codes: 1 killed, 0 survived, 36 timeout, 33 no tests, None not checked
+    codes_a = {"a.f__mutmut_1": 1, "a.f__mutmut_2": 0, "a.f__mutmut_3": 36, "a.g__mutmut_1": None}
+    codes_b = {"b.h__mutmut_1": 1, "b.h__mutmut_2": 1, "b.h__mutmut_3": 33}
+    (mutants / "a.py.meta").write_text(json.dumps({"exit_code_by_key": codes_a}))
+    (mutants / "eval" / "b.py.meta").write_text(json.dumps({"exit_code_by_key": codes_b}))
+    out = tmp_path / "docs" / "mutation.md"
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks/mutation_score.py"),
+            "--root",
+            str(tmp_path / "mutants"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    text = out.read_text()
+    # a: 4 mutants, 2 caught (killed, timeout) of 3 checked; b: 3 mutants, 2 of 3
+    assert "| `lcr_lightly/a.py` | 4 | 2 | 1 | 0 | 66.7 % |" in text
+    assert "| `lcr_lightly/eval/b.py` | 3 | 2 | 0 | 1 | 66.7 % |" in text
+    assert "| all | 7 | 4 | 1 | 1 | 66.7 % |" in text
+    assert "### `lcr_lightly/a.py` (1)\n\n- `a.f__mutmut_2`\n" in text
+    assert "eval/b.py` (" not in text  # no survivor there
+    assert "Neither caught nor survived: 1 not checked." in text
+    from importlib.metadata import version
+
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    assert f"mutmut {version('mutmut')}'s results" in text
+    assert f"at commit `{commit}" in text
+    assert res.stdout.splitlines()[0] == "| file | mutants | caught | survived | no tests | score |"

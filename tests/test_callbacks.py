@@ -26,18 +26,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lcr_lightly import RationaleMaps, RetrievalMonitor, with_common_rationale
 from lcr_lightly.models import BYOL, MoCoV2
+from tests.clients import DINOClient, DINOViTClient, MultiCrop, ViTSiamese, tiny_timm_vit
 from tests.conftest import ToySiamese, TwoViews, quiet_trainer, tiny_resnet
-from tests.test_clients import DINOClient, DINOViTClient, MultiCrop
-from tests.test_vit import ViTSiamese, tiny_timm_vit
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Tiny inputs: one intra-op thread is as fast and does not spin on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def labelled(n: int = 12, seed: int = 1, size: int = 32, classes: int = 3) -> DataLoader:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Dict
+from typing import Any, Dict
 
 import numpy as np
 import pytest
-import timm
 import torch
-import torchvision
 from torch import Tensor, nn
 
 from lcr_lightly import (
@@ -23,57 +21,38 @@ from lcr_lightly import (
     with_common_rationale,
 )
 from lcr_lightly.export import ExportError
-from tests.conftest import tiny_resnet
-from tests.test_clients import (
+from tests.clients import (
     DINOClient,
     DINOViTClient,
     SimSiamClient,
-    _features_dim,
-    _torchvision_vit,
+    features_dim,
     multi_crop_batch,
+    timm_factory,
+    tiny_resnet_backbone,
+    tiny_timm_vit,
+    torchvision_factory,
+    torchvision_vit,
     train_steps,
 )
-from tests.test_vit import tiny_timm_vit
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _timm(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
-    return lambda: timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-
-
-def _tv(name: str, head: str) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        model = getattr(torchvision.models, name)()
-        setattr(model, head, nn.Identity())
-        return model
-
-    return build
-
-
-def _tiny() -> nn.Module:
-    resnet = tiny_resnet()
-    resnet.fc = nn.Identity()
-    return resnet
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # name: (backbone factory, input side, pools with a module)
 FAMILIES: Dict[str, Any] = {
-    "timm/resnet10t": (_timm("resnet10t"), 64, True),
-    "timm/mobilenetv3_small_050": (_timm("mobilenetv3_small_050"), 64, True),
-    "timm/efficientnet_lite0": (_timm("efficientnet_lite0"), 64, True),
-    "timm/convnext_atto": (_timm("convnext_atto"), 64, True),
-    "torchvision/resnet18": (_tv("resnet18", "fc"), 64, True),
-    "torchvision/mobilenet_v3_small": (_tv("mobilenet_v3_small", "classifier"), 64, True),
+    "timm/resnet10t": (timm_factory("resnet10t"), 64, True),
+    "timm/mobilenetv3_small_050": (timm_factory("mobilenetv3_small_050"), 64, True),
+    "timm/efficientnet_lite0": (timm_factory("efficientnet_lite0"), 64, True),
+    "timm/convnext_atto": (timm_factory("convnext_atto"), 64, True),
+    "torchvision/resnet18": (torchvision_factory("resnet18", "fc"), 64, True),
+    "torchvision/mobilenet_v3_small": (
+        torchvision_factory("mobilenet_v3_small", "classifier"),
+        64,
+        True,
+    ),
     "timm/vit(avg)": (lambda: tiny_timm_vit(global_pool="avg"), 32, False),
     "timm/vit(token)": (lambda: tiny_timm_vit(global_pool="token"), 32, False),
-    "torchvision/vit": (_torchvision_vit, 32, False),
+    "torchvision/vit": (torchvision_vit, 32, False),
 }
 
 
@@ -105,7 +84,7 @@ def _wrapped(name: str) -> Any:
     build, size, pooled = FAMILIES[name]
     torch.manual_seed(0)
     backbone = build()
-    model = with_common_rationale(SimSiamClient(backbone, _features_dim(backbone, size)), k=4)
+    model = with_common_rationale(SimSiamClient(backbone, features_dim(backbone, size)), k=4)
     _randomise_head(model)
     return model.eval(), size, pooled
 
@@ -190,7 +169,7 @@ def _layer4(resnet: nn.Module, x: Tensor) -> Tensor:
 
 def test_functional_attach_backbone_is_exported_with_its_rationale() -> None:
     torch.manual_seed(0)
-    backbone = _tiny().eval()
+    backbone = tiny_resnet_backbone().eval()
     lcr = attach(backbone, k=4)
     _randomise_head(nn.ModuleDict({"common_rationale": lcr}))
     lcr.eval()  # the reference below runs the head's BN on running statistics
@@ -202,7 +181,7 @@ def test_functional_attach_backbone_is_exported_with_its_rationale() -> None:
 
 
 def _small_model() -> nn.Module:
-    model = with_common_rationale(SimSiamClient(_tiny(), 16), k=4)
+    model = with_common_rationale(SimSiamClient(tiny_resnet_backbone(), 16), k=4)
     _randomise_head(model)
     return model.eval()
 
@@ -262,14 +241,16 @@ def test_saved_files_give_the_same_features(tmp_path, fmt: str) -> None:
 
 
 def test_refusals_name_the_problem() -> None:
-    plain = SimSiamClient(_tiny(), 16)
+    plain = SimSiamClient(tiny_resnet_backbone(), 16)
     with pytest.raises(ExportError, match="not wrapped"):
         export_embedder(plain, "rationale")
     gap = export_embedder(plain, "gap", input_size=32)  # an unwrapped model exports GAP
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(gap(x), nn.functional.normalize(plain.eval()(x), dim=1))
-    backbone = _tiny().eval()  # a plain backbone (no training step) is its own encoder
+    backbone = (
+        tiny_resnet_backbone().eval()
+    )  # a plain backbone (no training step) is its own encoder
     with torch.no_grad():
         want = backbone(x)
         assert torch.equal(export_embedder(backbone, "gap", normalize=False)(x), want)
@@ -278,7 +259,7 @@ def test_refusals_name_the_problem() -> None:
         def forward(self, x: Tensor) -> Tensor:
             return self.projection(self.backbone(x).flatten(1))
 
-    projected = with_common_rationale(Projected(_tiny(), 16), k=4)
+    projected = with_common_rationale(Projected(tiny_resnet_backbone(), 16), k=4)
     with pytest.raises(ExportError, match="projection head"):
         export_embedder(projected, "rationale", input_size=32)
     with pytest.raises(ValueError, match="pooling"):

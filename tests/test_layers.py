@@ -354,7 +354,7 @@ def test_an_explicit_pool_and_layer_that_do_not_match_are_refused():
 
 
 def test_a_shared_block_of_a_vit_is_refused_as_the_token_layer():
-    from tests.test_vit import tiny_timm_vit
+    from tests.clients import tiny_timm_vit
 
     vit = tiny_timm_vit("token")
     vit.blocks[1] = vit.blocks[0]  # weight sharing: the last block runs twice

@@ -191,3 +191,21 @@ def test_stem_pool_false_drops_only_the_stem_max_pool(name):
 def test_stem_pool_false_is_refused_without_a_stem_max_pool():
     with pytest.raises(ValueError, match=r"^SmallResNet has no stem max-pool to drop \("):
         build_backbone(SmallResNet(small_input=True), stem_pool=False)
+
+
+@pytest.mark.parametrize(
+    "prefix", ["module.", "module.backbone.", "encoder_q.", "online_encoder.0.", "backbone.module."]
+)
+def test_wrapper_prefixes_are_stripped_in_order(tmp_path, prefix):
+    torch.manual_seed(0)
+    source = SmallResNet(widths=(8, 8, 16, 16))
+    path = _save(source, tmp_path / "ckpt.pth", prefix=prefix)
+    target = SmallResNet(widths=(8, 8, 16, 16))
+    if prefix == "backbone.module.":  # "module." is only stripped before "backbone."
+        with pytest.raises(ValueError, match="No parameter|does not fit"):
+            load_backbone_weights(target, path)
+        return
+    load_backbone_weights(target, path)
+    for name, value in source.state_dict().items():
+        if not name.startswith("fc."):
+            assert torch.equal(target.state_dict()[name], value), name

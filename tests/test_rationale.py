@@ -221,7 +221,7 @@ def test_kl_term_messages_name_the_hooked_layers():
 
 
 def test_attach_hands_a_custom_token_reshape_to_the_capture():
-    from tests.test_vit import tiny_timm_vit
+    from tests.clients import tiny_timm_vit
 
     torch.manual_seed(0)
     vit = tiny_timm_vit("avg")
@@ -238,7 +238,7 @@ def test_attach_hands_a_custom_token_reshape_to_the_capture():
 
 
 def test_the_head_reads_its_channels_off_a_custom_reshape():
-    from tests.test_vit import tiny_timm_vit
+    from tests.clients import tiny_timm_vit
 
     def half_the_channels(tokens):  # 16 patch tokens, the first 16 of 32 dims, as 4x4
         return tokens[:, 1:, :16].transpose(1, 2).reshape(tokens.shape[0], 16, 4, 4)

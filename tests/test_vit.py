@@ -2,51 +2,12 @@ import pytest
 import timm
 import torch
 import torchvision
-from pytorch_lightning import LightningModule
-from torch import nn
 
 from lcr_lightly import FeatureCapture, gradcam, tokens_to_map, with_common_rationale
 from lcr_lightly.resolve import find_feature_path
 from lcr_lightly.tokens import find_token_layer
+from tests.clients import ViTSiamese, tiny_timm_vit
 from tests.conftest import loader, quiet_trainer, two_view_batch
-
-
-def tiny_timm_vit(global_pool: str = "avg", drop_path_rate: float = 0.0, **kwargs) -> nn.Module:
-    """A 2-block, 32-wide timm ViT on 32 px images; ``kwargs`` go to ``create_model``."""
-    return timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=32,
-        patch_size=8,
-        depth=2,
-        embed_dim=32,
-        num_heads=2,
-        num_classes=0,
-        global_pool=global_pool,
-        drop_path_rate=drop_path_rate,
-        dynamic_img_size=True,
-        **kwargs,
-    )
-
-
-class ViTSiamese(LightningModule):
-    def __init__(self, backbone: nn.Module, dim: int = 32):
-        super().__init__()
-        self.backbone = backbone
-        self.projection = nn.Linear(dim, 16)
-        self.prediction = nn.Linear(16, 16)
-
-    def training_step(self, batch, batch_idx):
-        (x0, x1), _ = batch
-        z0, z1 = self.projection(self.backbone(x0)), self.projection(self.backbone(x1))
-        cos = nn.functional.cosine_similarity
-        return -0.5 * (
-            cos(self.prediction(z0), z1.detach()).mean()
-            + cos(self.prediction(z1), z0.detach()).mean()
-        )
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
 def test_detects_timm_lightly_and_torchvision_vits():

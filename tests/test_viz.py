@@ -85,3 +85,35 @@ def test_figure_maps_share_one_scale_and_include_the_feature_norm(tmp_path):
     from PIL import Image
 
     assert Image.open(path).size[0] >= 1000  # four columns at 120 dpi
+
+
+def test_drawing_never_changes_the_users_matplotlib_backend(tmp_path):
+    """The library draws on Figure objects: the backend chosen before it stays, pyplot is empty."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = f"""
+import matplotlib
+matplotlib.use("svg")  # the user's choice, not Agg
+import lcr_lightly, lcr_lightly.viz, lcr_lightly.gallery
+from lcr_lightly.data import SyntheticFineGrained
+from lcr_lightly.gallery import SearchResult, search_figure
+import numpy as np
+ds = SyntheticFineGrained(num_classes=2, images_per_class=1, image_size=32)
+lcr_lightly.viz.synthetic_grid(ds, r"{tmp_path / "grid.png"}", classes=2)
+ds.sample(0)["image"].save(r"{tmp_path / "a.png"}")
+result = SearchResult(np.ones((1, 1)), np.zeros((1, 1), dtype=int), [["a.png"]])
+search_figure([r"{tmp_path / "a.png"}"], result, r"{tmp_path}", r"{tmp_path / "search.png"}")
+import matplotlib.pyplot as plt
+print(matplotlib.get_backend(), len(plt.get_fignums()))
+"""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "MPLBACKEND": ""}
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True
+    )
+    assert out.stdout.split() == ["svg", "0"]
+    for name in ("grid.png", "search.png"):  # written as PNG all the same
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

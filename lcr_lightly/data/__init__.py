@@ -1,17 +1,13 @@
 """Data: local-root loaders, the synthetic fine-grained set, the CUB-layout exporter."""
 
+from lcr_lightly.data.cub import CUB200, CUBLocalization
 from lcr_lightly.data.export import export_cub_layout
-from lcr_lightly.data.fgvc import (
-    CUB200,
-    CUBLocalization,
+from lcr_lightly.data.fgvc import cifar100, fgvc_aircraft, image_folder, stanford_cars
+from lcr_lightly.data.files import (
     DatasetNotFoundError,
     UnreadableImageError,
-    cifar100,
-    fgvc_aircraft,
-    image_folder,
     read_image,
     resolve_root,
-    stanford_cars,
 )
 from lcr_lightly.data.synthetic import SyntheticFineGrained, fine_grained_classes
 from lcr_lightly.data.transforms import eval_geometry, eval_transform, ssl_transform

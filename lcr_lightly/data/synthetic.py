@@ -42,184 +42,25 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-Point = Tuple[float, float]
+from lcr_lightly.data.shapes import (
+    BODY,
+    GENERIC_TEMPLATES,
+    HEAD,
+    HEAD_MARKS,
+    MARK,
+    TAIL,
+    WING,
+    WING_TEXTURES,
+    Point,
+    ellipse,
+    generic_polygons,
+    mark_polygon,
+    random_color,
+    texture_polygons,
+)
 
-HEAD_MARKS = ("circle", "square", "triangle", "cross", "diamond")
-WING_TEXTURES = ("hstripes", "vstripes", "checker", "dots", "ring")
-GENERIC_TEMPLATES = ("star", "house", "car", "fish", "tree", "arrow", "ring", "cross")
 SPLITS = {"train": 0, "test": 1, "val": 2}
-_SS = 4  # supersampling factor
-
-# Template geometry in object units (the object spans about [-1, 1]).
-_BODY = ((0.0, 0.1), (0.6, 0.45))
-_HEAD = ((0.62, -0.38), 0.36)
-_TAIL = [(-0.5, 0.05), (-1.0, -0.3), (-1.0, 0.45)]
-_MARK = ((0.64, -0.4), 0.26)  # head mark: centre, radius
-_WING = ((-0.05, 0.14), 0.36)  # wing patch: centre, radius
-
-
-def _ellipse(center: Point, radii: Tuple[float, float], n: int = 40) -> List[Point]:
-    cx, cy = center
-    return [
-        (
-            cx + radii[0] * math.cos(2 * math.pi * t / n),
-            cy + radii[1] * math.sin(2 * math.pi * t / n),
-        )
-        for t in range(n)
-    ]
-
-
-def _regular(center: Point, radius: float, sides: int, phase: float = 0.0) -> List[Point]:
-    cx, cy = center
-    return [
-        (
-            cx + radius * math.cos(phase + 2 * math.pi * t / sides),
-            cy + radius * math.sin(phase + 2 * math.pi * t / sides),
-        )
-        for t in range(sides)
-    ]
-
-
-def _cross(center: Point, radius: float, width: float = 0.36) -> List[Point]:
-    cx, cy = center
-    r, w = radius, radius * width
-    pts = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r)]
-    pts += [(-w, -r), (-w, -w), (-r, -w), (-r, w), (-w, w), (-w, r)]
-    return [(cx + x, cy + y) for x, y in pts]
-
-
-def _shape(kind: str, center: Point, radius: float) -> List[Point]:
-    if kind == "circle":
-        return _ellipse(center, (radius, radius), 24)
-    if kind == "square":
-        return _regular(center, radius * 1.1, 4, math.pi / 4)
-    if kind == "triangle":
-        return _regular(center, radius * 1.2, 3, -math.pi / 2)
-    if kind == "diamond":
-        cx, cy = center
-        return [
-            (cx, cy - radius * 1.15),
-            (cx + radius * 0.7, cy),
-            (cx, cy + radius * 1.15),
-            (cx - radius * 0.7, cy),
-        ]
-    if kind == "cross":
-        return _cross(center, radius * 1.1)
-    raise ValueError(kind)
-
-
-def _texture(kind: str, center: Point, radius: float) -> List[List[Point]]:
-    """Polygons of a texture inside a disk (clipped by the caller)."""
-    cx, cy = center
-    r = radius
-    period = r / 1.6
-    polys: List[List[Point]] = []
-    steps = np.arange(-r, r + 1e-6, period)
-    if kind == "hstripes":
-        for y in steps:
-            polys.append(
-                [
-                    (cx - r, cy + y),
-                    (cx + r, cy + y),
-                    (cx + r, cy + y + period / 2),
-                    (cx - r, cy + y + period / 2),
-                ]
-            )
-    elif kind == "vstripes":
-        for x in steps:
-            polys.append(
-                [
-                    (cx + x, cy - r),
-                    (cx + x + period / 2, cy - r),
-                    (cx + x + period / 2, cy + r),
-                    (cx + x, cy + r),
-                ]
-            )
-    elif kind == "checker":
-        for i, x in enumerate(steps):
-            for j, y in enumerate(steps):
-                if (i + j) % 2 == 0:
-                    polys.append(
-                        [
-                            (cx + x, cy + y),
-                            (cx + x + period, cy + y),
-                            (cx + x + period, cy + y + period),
-                            (cx + x, cy + y + period),
-                        ]
-                    )
-    elif kind == "dots":
-        for x in steps[:-1]:
-            for y in steps[:-1]:
-                polys.append(
-                    _ellipse(
-                        (cx + x + period / 2, cy + y + period / 2), (period / 3.2, period / 3.2), 12
-                    )
-                )
-    elif kind == "ring":
-        outer = _ellipse(center, (r * 0.8, r * 0.8), 32)
-        polys.append(outer)
-        polys.append(_ellipse(center, (r * 0.45, r * 0.45), 32))  # drawn as a hole
-    else:
-        raise ValueError(kind)
-    return polys
-
-
-def _generic_parts(kind: str) -> List[List[Point]]:
-    if kind == "star":
-        pts = []
-        for t in range(10):
-            rad = 1.0 if t % 2 == 0 else 0.42
-            pts.append(
-                (
-                    rad * math.cos(-math.pi / 2 + math.pi * t / 5),
-                    rad * math.sin(-math.pi / 2 + math.pi * t / 5),
-                )
-            )
-        return [pts]
-    if kind == "house":
-        return [
-            [(-0.7, 0.9), (0.7, 0.9), (0.7, -0.1), (-0.7, -0.1)],
-            [(-0.95, -0.1), (0.0, -0.95), (0.95, -0.1)],
-        ]
-    if kind == "car":
-        return [
-            [
-                (-1.0, 0.35),
-                (1.0, 0.35),
-                (1.0, -0.1),
-                (0.5, -0.15),
-                (0.25, -0.55),
-                (-0.45, -0.55),
-                (-0.7, -0.1),
-                (-1.0, -0.1),
-            ],
-            _ellipse((-0.55, 0.45), (0.22, 0.22), 16),
-            _ellipse((0.55, 0.45), (0.22, 0.22), 16),
-        ]
-    if kind == "fish":
-        return [_ellipse((0.15, 0.0), (0.7, 0.38)), [(-0.45, 0.0), (-1.0, -0.45), (-1.0, 0.45)]]
-    if kind == "tree":
-        return [
-            [(-0.15, 1.0), (0.15, 1.0), (0.15, 0.3), (-0.15, 0.3)],
-            _regular((0.0, -0.15), 0.75, 3, -math.pi / 2),
-        ]
-    if kind == "arrow":
-        return [
-            [
-                (-1.0, -0.2),
-                (0.2, -0.2),
-                (0.2, -0.6),
-                (1.0, 0.0),
-                (0.2, 0.6),
-                (0.2, 0.2),
-                (-1.0, 0.2),
-            ]
-        ]
-    if kind == "ring":
-        return [_ellipse((0.0, 0.0), (0.95, 0.95), 40)]
-    if kind == "cross":
-        return [_cross((0.0, 0.0), 0.95, 0.3)]
-    raise ValueError(kind)
+SUPERSAMPLE = 4  # rendered at 4x, then downsampled (anti-aliased)
 
 
 def fine_grained_classes(num_classes: int) -> List[Tuple[str, str]]:
@@ -237,18 +78,6 @@ def fine_grained_classes(num_classes: int) -> List[Tuple[str, str]]:
         raise ValueError(f"num_classes must be in [1, 25], got {num_classes}.")
     pairs = [(HEAD_MARKS[i % 5], WING_TEXTURES[(i + i // 5) % 5]) for i in range(25)]
     return pairs[:num_classes]
-
-
-def _random_color(
-    rng: np.random.Generator, lum: Optional[Tuple[float, float]] = None
-) -> Tuple[int, int, int]:
-    import colorsys
-
-    h = rng.random()
-    s = rng.uniform(0.3, 1.0)
-    v = rng.uniform(*(lum or (0.15, 1.0)))
-    r, g, b = colorsys.hsv_to_rgb(h, s, v)
-    return int(r * 255), int(g * 255), int(b * 255)
 
 
 class SyntheticFineGrained(Dataset):
@@ -371,7 +200,7 @@ class SyntheticFineGrained(Dataset):
         label = index // self.images_per_class
         salt = 0 if self.variant == "fine" else 7
         rng = np.random.default_rng([self.seed, SPLITS[self.split], salt, index])
-        size = self.image_size * _SS
+        size = self.image_size * SUPERSAMPLE
         image = self._background(rng, size)
         draw = ImageDraw.Draw(image)
         if self.variant == "fine":
@@ -400,36 +229,43 @@ class SyntheticFineGrained(Dataset):
             return out
 
         dark_parts = rng.random() < 0.5
-        body_color = _random_color(rng, (0.65, 1.0) if dark_parts else (0.15, 0.45))
-        part_color = _random_color(rng, (0.0, 0.3) if dark_parts else (0.8, 1.0))
+        body_color = random_color(rng, (0.65, 1.0) if dark_parts else (0.15, 0.45))
+        part_color = random_color(rng, (0.0, 0.3) if dark_parts else (0.8, 1.0))
         centers: List[Point] = []
         if self.variant == "fine":
-            for poly in (_ellipse(*_BODY), _ellipse(_HEAD[0], (_HEAD[1], _HEAD[1]), 28), _TAIL):
+            for poly in (
+                ellipse(*BODY),
+                ellipse(HEAD[0], (HEAD[1], HEAD[1]), 28),
+                TAIL,
+            ):
                 draw.polygon(tf(poly), fill=body_color)
                 od.polygon(tf(poly), fill=255)
             mark, texture = self._pairs[label]
-            mark_poly = tf(_shape(mark, *_MARK))
+            mark_poly = tf(mark_polygon(mark, *MARK))
             draw.polygon(mark_poly, fill=part_color)
-            pd.polygon(tf(_ellipse(_MARK[0], (_MARK[1] * 1.2, _MARK[1] * 1.2), 20)), fill=255)
+            pd.polygon(
+                tf(ellipse(MARK[0], (MARK[1] * 1.2, MARK[1] * 1.2), 20)),
+                fill=255,
+            )
             disk = Image.new("L", (size, size), 0)
-            ImageDraw.Draw(disk).polygon(tf(_ellipse(_WING[0], (_WING[1], _WING[1]), 32)), fill=255)
+            ImageDraw.Draw(disk).polygon(tf(ellipse(WING[0], (WING[1], WING[1]), 32)), fill=255)
             tex = Image.new("L", (size, size), 0)
             td = ImageDraw.Draw(tex)
-            polys = _texture(texture, *_WING)
+            polys = texture_polygons(texture, *WING)
             for k, poly in enumerate(polys):
                 hole = texture == "ring" and k == 1
                 td.polygon(tf(poly), fill=0 if hole else 255)
             clip = Image.fromarray(np.minimum(np.asarray(disk), np.asarray(tex)))
             image.paste(part_color, (0, 0), clip)
-            pd.polygon(tf(_ellipse(_WING[0], (_WING[1], _WING[1]), 32)), fill=255)
-            centers = [tf([_MARK[0]])[0], tf([_WING[0]])[0]]
+            pd.polygon(tf(ellipse(WING[0], (WING[1], WING[1]), 32)), fill=255)
+            centers = [tf([MARK[0]])[0], tf([WING[0]])[0]]
         else:
-            for poly in _generic_parts(self.classes[label]):
+            for poly in generic_polygons(self.classes[label]):
                 draw.polygon(tf(poly), fill=body_color)
                 od.polygon(tf(poly), fill=255)
             # a random decoration (no class information)
             deco = tf(
-                _shape(
+                mark_polygon(
                     HEAD_MARKS[rng.integers(5)],
                     (rng.uniform(-0.3, 0.3), rng.uniform(-0.2, 0.2)),
                     0.15,
@@ -463,7 +299,7 @@ class SyntheticFineGrained(Dataset):
             "label": label,
             "object_mask": om,
             "part_mask": pm,
-            "part_centers": [(x / _SS, y / _SS) for x, y in centers],
+            "part_centers": [(x / SUPERSAMPLE, y / SUPERSAMPLE) for x, y in centers],
             "bbox": bbox,
             "body_color": body_color,
             "part_color": part_color,
@@ -488,16 +324,16 @@ class SyntheticFineGrained(Dataset):
             kind = rng.integers(3)
             c = (rng.uniform(0, size), rng.uniform(0, size))
             r = rng.uniform(*scale) * size
-            color = _random_color(rng)
+            color = random_color(rng)
             if kind == 0:
-                poly = _shape(HEAD_MARKS[rng.integers(5)], c, r)
+                poly = mark_polygon(HEAD_MARKS[rng.integers(5)], c, r)
             elif kind == 1:
-                poly = _ellipse(c, (r * rng.uniform(0.5, 1.5), r * rng.uniform(0.5, 1.5)), 16)
+                poly = ellipse(c, (r * rng.uniform(0.5, 1.5), r * rng.uniform(0.5, 1.5)), 16)
             else:
                 texture = WING_TEXTURES[rng.integers(5)]
-                for k, p in enumerate(_texture(texture, c, r)):
+                for k, p in enumerate(texture_polygons(texture, c, r)):
                     hole = texture == "ring" and k == 1
-                    draw.polygon(p, fill=_random_color(rng) if hole else color)
+                    draw.polygon(p, fill=random_color(rng) if hole else color)
                 continue
             ang = rng.uniform(0, 2 * math.pi)
             ca, sa = math.cos(ang), math.sin(ang)

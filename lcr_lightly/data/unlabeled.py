@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from PIL import Image
 from torch.utils.data import Dataset
 
-from lcr_lightly.data.fgvc import DatasetNotFoundError
+from lcr_lightly.data.files import DatasetNotFoundError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 NO_LABEL = -1

@@ -83,7 +83,7 @@ def extract_features(
     for mode in poolings:
         if mode not in valid:
             raise ValueError(f"Unknown pooling {mode!r}; expected one of {valid}.")
-    lcr = CommonRationale.of(model) if hasattr(model, "common_rationale") else None
+    lcr = CommonRationale.find(model)
     if lcr is None and "rationale" in poolings:
         raise ValueError(
             f"{type(model).__name__} is not wrapped with with_common_rationale: only "

@@ -14,7 +14,8 @@ import torch
 from lightly.utils.benchmarking import knn_predict
 
 from lcr_lightly._validation import check_finite_rows
-from lcr_lightly.eval.retrieval import ArrayLike, _as_numpy, l2_normalize
+from lcr_lightly.eval.arrays import ArrayLike, as_numpy
+from lcr_lightly.eval.retrieval import l2_normalize
 
 
 def knn_accuracy(
@@ -45,8 +46,8 @@ def knn_accuracy(
     """
     check_finite_rows("train_features", train_features)
     check_finite_rows("test_features", test_features)
-    y_test = _as_numpy(test_labels, np.int64).reshape(-1)
-    y_train = torch.from_numpy(_as_numpy(train_labels, np.int64).reshape(-1))
+    y_test = as_numpy(test_labels, np.int64).reshape(-1)
+    y_train = torch.from_numpy(as_numpy(train_labels, np.int64).reshape(-1))
     classes = int(max(int(y_train.max()), int(y_test.max()))) + 1
     bank = torch.from_numpy(l2_normalize(train_features)).T.contiguous()  # (D, N)
     queries = torch.from_numpy(l2_normalize(test_features))

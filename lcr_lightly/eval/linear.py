@@ -23,9 +23,11 @@ from lightly.utils.benchmarking import LinearClassifier
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import transforms as T
 
 from lcr_lightly._validation import check_finite_rows
-from lcr_lightly.eval.retrieval import ArrayLike, _as_numpy
+from lcr_lightly.data.transforms import eval_transform
+from lcr_lightly.eval.arrays import ArrayLike, as_numpy
 
 
 def stratified_split(
@@ -43,7 +45,7 @@ def stratified_split(
     Returns:
         ``(train_indices, val_indices)``.
     """
-    y = _as_numpy(labels, np.int64).reshape(-1)
+    y = as_numpy(labels, np.int64).reshape(-1)
     rng = np.random.default_rng(seed)
     train: List[int] = []
     val: List[int] = []
@@ -78,7 +80,7 @@ def label_subset(labels: ArrayLike, fraction: float, seed: int = 0) -> np.ndarra
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"label fraction must be in (0, 1], got {fraction!r}.")
-    y = _as_numpy(labels, np.int64).reshape(-1)
+    y = as_numpy(labels, np.int64).reshape(-1)
     rng = np.random.default_rng(seed)
     kept: List[int] = []
     for c in np.unique(y):
@@ -144,13 +146,13 @@ def linear_probe(
     """
     check_finite_rows("train_features", train_features)
     check_finite_rows("test_features", test_features)
-    xtr = torch.from_numpy(_as_numpy(train_features, np.float32))
-    ytr = torch.from_numpy(_as_numpy(train_labels, np.int64).reshape(-1))
+    xtr = torch.from_numpy(as_numpy(train_features, np.float32))
+    ytr = torch.from_numpy(as_numpy(train_labels, np.int64).reshape(-1))
     if label_fraction < 1.0:
         kept = torch.from_numpy(label_subset(ytr, label_fraction, seed))
         xtr, ytr = xtr[kept], ytr[kept]
-    xte = torch.from_numpy(_as_numpy(test_features, np.float32))
-    yte = torch.from_numpy(_as_numpy(test_labels, np.int64).reshape(-1))
+    xte = torch.from_numpy(as_numpy(test_features, np.float32))
+    yte = torch.from_numpy(as_numpy(test_labels, np.int64).reshape(-1))
     mean, std = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
     xtr, xte = (xtr - mean) / std, (xte - mean) / std
     classes = int(max(ytr.max(), yte.max())) + 1
@@ -268,10 +270,6 @@ def linear_probe_paper(
         epoch is chosen by Lightning's ``ModelCheckpoint(monitor="val_top1")`` (the
         first epoch reaching the maximum).
     """
-    from torchvision import transforms as T
-
-    from lcr_lightly.data.transforms import eval_transform
-
     labels = [int(train_dataset[i][1]) for i in range(len(train_dataset))]  # type: ignore[arg-type]
     tr_idx, val_idx = stratified_split(np.array(labels), val_fraction, seed)
     normalize = eval_transform(image_size).transforms[-1]

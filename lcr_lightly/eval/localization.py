@@ -1,12 +1,14 @@
 """Localisation metrics of attention maps against masks and part keypoints.
 
 Maps (B, h, w) are bilinearly resized to the masks' (B, H, W). Each metric comes with
-its chance level so that a number is read against what a random map would get.
+its chance level so that a number is read against what a random map would get. The
+masks themselves are drawn by :mod:`lcr_lightly.data.masks` (``keypoint_masks`` is
+re-exported here).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple, Union
+from typing import Dict, Tuple, Union
 
 import numpy as np
 import torch
@@ -14,6 +16,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lcr_lightly._validation import check_finite_rows
+from lcr_lightly.data.masks import keypoint_masks
+
+__all__ = [
+    "energy_inside",
+    "keypoint_masks",
+    "localization_report",
+    "mask_area",
+    "pointing_game",
+]
 
 
 def _as_tensor(x: Union[Tensor, np.ndarray]) -> Tensor:
@@ -100,30 +111,6 @@ def mask_area(masks: Union[Tensor, np.ndarray]) -> float:
     """
     k = _as_tensor(masks) > 0.5
     return float(k.flatten(1).float().mean(1).mean())
-
-
-def keypoint_masks(
-    keypoints: Sequence[Sequence[Tuple[float, float]]],
-    size: Tuple[int, int],
-    radius: float,
-) -> Tensor:
-    """Disks around part keypoints (e.g. CUB's ``parts/part_locs.txt``).
-
-    Args:
-        keypoints: For each image, a list of visible ``(x, y)`` pixel positions.
-        size: ``(H, W)`` of the masks.
-        radius: Disk radius in pixels.
-
-    Returns:
-        Masks (B, H, W) as float tensors.
-    """
-    h, w = size
-    yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
-    masks = torch.zeros(len(keypoints), h, w)
-    for b, points in enumerate(keypoints):
-        for x, y in points:
-            masks[b] += ((xx - x) ** 2 + (yy - y) ** 2 <= radius**2).float()
-    return (masks > 0).float()
 
 
 def localization_report(

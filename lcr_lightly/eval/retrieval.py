@@ -31,21 +31,14 @@ rank-k and mAP over that truncated list (``mAP@search_k``), with the same tie ru
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from lcr_lightly._validation import check_finite_rows
-
-ArrayLike = Union[Tensor, np.ndarray]
-
-
-def _as_numpy(x: ArrayLike, dtype: type) -> np.ndarray:
-    if isinstance(x, Tensor):
-        x = x.detach().cpu().numpy()
-    return np.ascontiguousarray(np.asarray(x), dtype=dtype)
+from lcr_lightly.eval.arrays import ArrayLike, as_numpy
 
 
 def l2_normalize(features: ArrayLike) -> np.ndarray:
@@ -57,7 +50,7 @@ def l2_normalize(features: ArrayLike) -> np.ndarray:
     Returns:
         (N, D) float32 array with unit-norm rows.
     """
-    x = _as_numpy(features, np.float32)
+    x = as_numpy(features, np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norms, 1e-12)
 
@@ -65,7 +58,7 @@ def l2_normalize(features: ArrayLike) -> np.ndarray:
 def _check(features: ArrayLike, labels: ArrayLike) -> tuple:
     check_finite_rows("features", features)
     x = l2_normalize(features)
-    y = _as_numpy(labels, np.int64).reshape(-1)
+    y = as_numpy(labels, np.int64).reshape(-1)
     if x.ndim != 2 or x.shape[0] != y.shape[0]:
         raise ValueError(
             f"features must be (N, D) and labels (N,), got {tuple(x.shape)} and {tuple(y.shape)}."

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torchvision
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from lcr_lightly.models.pretrained import IMAGENET, imagenet_state_dict
@@ -68,18 +70,18 @@ class SmallResNet(ResNet):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
 
+# Wrappers' key prefixes, stripped in this order (DataParallel's "module.backbone.x" -> "x").
+CHECKPOINT_PREFIXES = ("module.", "backbone.", "encoder_q.", "online_encoder.0.")
+
+
 def _clean_state_dict(state: Any) -> Dict[str, torch.Tensor]:
     for key in ("state_dict", "model", "backbone"):
         if isinstance(state.get(key), dict):
             state = state[key]
-    cleaned = {}
-    for name, value in state.items():
-        for prefix in ("module.", "backbone.", "encoder_q.", "online_encoder.0."):
-            if name.startswith(prefix):
-                name = name[len(prefix) :]
-        if not name.startswith("fc."):
-            cleaned[name] = value
-    return cleaned
+    cleaned = OrderedDict(state)  # consume_prefix... renames in place; the file's dict stays
+    for prefix in CHECKPOINT_PREFIXES:
+        consume_prefix_in_state_dict_if_present(cleaned, prefix)
+    return {name: value for name, value in cleaned.items() if not name.startswith("fc.")}
 
 
 def _listing(items: List[str], limit: int = 5) -> str:

@@ -56,7 +56,7 @@ def test_features_are_extracted_without_autograd():
 
 
 def test_a_vit_dino_forward_runs_the_teacher_whose_tokens_are_pooled():
-    from tests.test_clients import DINOViTClient, multi_crop_batch, train_steps
+    from tests.clients import DINOViTClient, multi_crop_batch, train_steps
 
     torch.manual_seed(0)
     model = with_common_rationale(DINOViTClient(), k=4)

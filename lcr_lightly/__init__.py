@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from lcr_lightly.callbacks import RationaleMaps, RetrievalMonitor
 from lcr_lightly.capture import FeatureCapture
 from lcr_lightly.export import Embedder, export_embedder, load_embedder, save_embedder
+from lcr_lightly.functional import attach
 from lcr_lightly.gallery import Gallery, build_gallery
 from lcr_lightly.gradcam import gradcam
 from lcr_lightly.heads import CommonRationaleHead
@@ -21,7 +22,7 @@ from lcr_lightly.layers import FeaturePath, resolve_layer
 from lcr_lightly.lightning import release, set_pooling, with_common_rationale
 from lcr_lightly.losses import GradCAMFitLoss
 from lcr_lightly.pooling import minmax_normalize, norm_pool, weighted_average_pool
-from lcr_lightly.rationale import CommonRationale, attach
+from lcr_lightly.rationale import CommonRationale
 from lcr_lightly.resolve import (
     FeatureSite,
     Resolution,

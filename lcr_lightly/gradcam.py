@@ -1,11 +1,10 @@
-"""Hook-based capture of feature maps and GradCAM of the self-supervised loss.
+"""GradCAM of the self-supervised loss: ``G = ReLU(sum_c F * dL/dF)``.
 
-The capture follows pytorch-grad-cam's ``ActivationsAndGradients``: a forward hook
-on one layer records its outputs, nothing in the user's model is edited, and the hook
-is removable. Unlike a classifier's Grad-CAM, LCR needs the GradCAM of the *SSL loss*
-for every view that passed through the online backbone in the current step, so the
-capture keeps a list of maps and ignores outputs computed without gradient (momentum
-encoders, ``torch.no_grad`` blocks).
+The algorithm beside its hook, as in pytorch-grad-cam (``base_cam.py`` beside
+``activations_and_gradients.py``): :mod:`lcr_lightly.capture` records the maps F of a
+step, :func:`gradcam` differentiates the step's SSL loss with respect to them. Unlike a
+classifier's Grad-CAM the target is the SSL loss itself, not a class score, and the
+gradient is taken without ``create_graph`` (a fixed target for the head).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The common rationale head (GFB) and rationale pooling.
+"""The common rationale head (GFB): the rationale map A of a feature map.
 
 The head is the paper's "GradCAM fitting branch": a 1x1 convolution projects the
 C-channel feature map onto K directions, batch norm and ReLU follow, and the maximum

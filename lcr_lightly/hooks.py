@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from typing import Any, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -54,12 +54,18 @@ def _ours(hook: Any) -> bool:
     return isinstance(hook, (_WeakHook, OwnedHook))
 
 
-def _purge_dead(module: nn.Module) -> None:
-    for key, hook in list(module._forward_hooks.items()):
-        if isinstance(hook, _WeakHook) and (hook.ref is None or hook.ref() is None):
-            del module._forward_hooks[key]
-            module._forward_hooks_with_kwargs.pop(key, None)
-            module._forward_hooks_always_called.pop(key, None)
+def _drop_hooks(module: nn.Module, which: Callable[[Any], bool]) -> int:
+    """Deletes the forward hooks ``which`` selects from a module (torch's three hook dicts)."""
+    keys = [key for key, hook in module._forward_hooks.items() if which(hook)]
+    for key in keys:
+        del module._forward_hooks[key]
+        module._forward_hooks_with_kwargs.pop(key, None)
+        module._forward_hooks_always_called.pop(key, None)
+    return len(keys)
+
+
+def _dead(hook: Any) -> bool:
+    return isinstance(hook, _WeakHook) and (hook.ref is None or hook.ref() is None)
 
 
 def remove_hooks(root: nn.Module) -> int:
@@ -71,15 +77,7 @@ def remove_hooks(root: nn.Module) -> int:
     Returns:
         How many hooks were removed.
     """
-    removed = 0
-    for module in root.modules():
-        for key, hook in list(module._forward_hooks.items()):
-            if _ours(hook):
-                del module._forward_hooks[key]
-                module._forward_hooks_with_kwargs.pop(key, None)
-                module._forward_hooks_always_called.pop(key, None)
-                removed += 1
-    return removed
+    return sum(_drop_hooks(module, _ours) for module in root.modules())
 
 
 def count_hooks(root: nn.Module) -> int:
@@ -120,7 +118,7 @@ class LayerHook:
     def attach(self) -> None:
         """Registers the hook if it is not registered (purging dead copies first)."""
         if self._handle is None:
-            _purge_dead(self.module)
+            _drop_hooks(self.module, _dead)
             self._handle = self.module.register_forward_hook(_WeakHook(self))
 
     def release(self) -> None:

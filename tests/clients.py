@@ -79,12 +79,16 @@ def torchvision_vit() -> nn.Module:
 
 
 class Backbone(NamedTuple):
-    """A tested backbone: factory, input side, expected layer and pool in the backbone."""
+    """A tested backbone: factory, input side, expected layer and pool in the backbone.
+
+    ``channels_last``: the map is (B, H, W, C) and the pool averages over (H, W).
+    """
 
     build: Callable[[], nn.Module]
     size: int
     layer: str
     pool: Optional[str]
+    channels_last: bool = False
 
 
 BACKBONES: Dict[str, Backbone] = {
@@ -118,6 +122,21 @@ BACKBONES: Dict[str, Backbone] = {
     ),
     "torchvision/convnext_tiny": Backbone(
         torchvision_factory("convnext_tiny", "classifier"), 64, "features", "avgpool"
+    ),
+    # Swin returns a channels-last map (B, H, W, C) that its head averages over (H, W)
+    "timm/swin (NHWC)": Backbone(
+        timm_factory(
+            "swin_tiny_patch4_window7_224",
+            img_size=64,
+            window_size=4,
+            embed_dim=16,
+            depths=(1, 1),
+            num_heads=(1, 2),
+        ),
+        64,
+        "norm",
+        "head.global_pool.pool",
+        channels_last=True,
     ),
     # ViTs pool tokens functionally: the map is the patch tokens of the last block that
     # reaches the loss (the block before the last one with class-token pooling).

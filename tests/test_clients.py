@@ -70,7 +70,9 @@ def check_hooked_map_is_pool_input(model: nn.Module, encoder: nn.Module, x: Tens
         lcr.clear()
 
 
-def check_eval_pooling(model: nn.Module, pool: nn.Module, x: Tensor) -> None:
+def check_eval_pooling(
+    model: nn.Module, pool: nn.Module, x: Tensor, channels_last: bool = False
+) -> None:
     """(c): in eval mode the pool returns head.pool(its input), which differs from GAP."""
     lcr = common_rationale(model)
     inputs: List[Tensor] = []
@@ -86,6 +88,8 @@ def check_eval_pooling(model: nn.Module, pool: nn.Module, x: Tensor) -> None:
             model(x)
             assert len(inputs) == len(outputs) == 1
             fmap, pooled = inputs[0], outputs[0].flatten(1)
+            if channels_last:  # (B, H, W, C) as the head reads it
+                fmap = fmap.permute(0, 3, 1, 2)
             torch.testing.assert_close(pooled, lcr.head.pool(fmap), rtol=1e-5, atol=1e-6)
             assert not torch.allclose(pooled, fmap.mean(dim=(2, 3)), rtol=1e-3, atol=1e-4)
     finally:
@@ -142,7 +146,7 @@ def test_backbone_family(name: str) -> None:
             assert seen[0] is features
     train_steps(model, batch)
     if spec.pool is not None:
-        check_eval_pooling(model, _module(model, lcr.pool_name), x)
+        check_eval_pooling(model, _module(model, lcr.pool_name), x, spec.channels_last)
     check_release_restores_gap(model, reference, x)
 
 

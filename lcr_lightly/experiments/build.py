@@ -62,6 +62,20 @@ NO_LABELS = (
 )
 
 
+# Each data set's folder layout, as ``--help`` shows it.
+DATASET_LAYOUTS = """data sets (--dataset, --data-root DIR; nothing is ever downloaded):
+  synthetic    generated in memory (no --data-root)
+  cub          DIR = the extracted CUB_200_2011 folder: images.txt, image_class_labels.txt,
+               train_test_split.txt, images/<class>/<image>.jpg (bounding_boxes.txt and
+               parts/part_locs.txt add localisation); or set LCR_CUB_ROOT
+  cars         DIR holds stanford_cars/ in torchvision's layout; or set LCR_CARS_ROOT
+  aircraft     DIR holds fgvc-aircraft-2013b/ in torchvision's layout; or LCR_AIRCRAFT_ROOT
+  cifar100     DIR holds cifar-100-python/{train,test,meta}; or set LCR_CIFAR100_ROOT
+  imagefolder  DIR/train/<class>/<image> and DIR/test/<class>/<image> (same class names)
+An image that cannot be decoded stops the run with its file name.
+"""
+
+
 @dataclass
 class DataBundle:
     """The three views of a data set an experiment needs."""

@@ -15,8 +15,9 @@ undecodable image, unreadable checkpoint, a missing optional extra, a failed eva
 after training) prints one ``error: ...`` line and exits with code 2: unknown commands,
 options and config keys are found here before jsonargparse parses (closest name by
 ``difflib``), values by :class:`~lcr_lightly.experiments.config.ExperimentConfig`'s own
-checks. A ``pretrain`` stopped by SIGTERM saves ``checkpoints/interrupted.ckpt``, prints
-the ``--resume`` command and exits with code 143.
+checks and, for a command's own options, by :meth:`Parser.check_options`. A
+``pretrain`` stopped by SIGTERM saves ``checkpoints/interrupted.ckpt``, prints the
+``--resume`` command and exits with code 143.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, Namespace
 
 from lcr_lightly.data import DatasetNotFoundError
+from lcr_lightly.experiments.build import DATASET_LAYOUTS
 from lcr_lightly.experiments.checkpointing import (
     CheckpointError,
     read_checkpoint,
@@ -65,23 +67,18 @@ from lcr_lightly.experiments.values import (
     ConfigError,
     InvalidValue,
     PositiveInt,
+    check_field,
+    describe,
 )
 from lcr_lightly.models.pretrained import MissingExtraError
 
 # The --help text after the options of pretrain/evaluate/visualize.
-DATA_HELP = """data sets (--dataset, --data-root DIR; nothing is ever downloaded):
-  synthetic    generated in memory (no --data-root)
-  cub          DIR = the extracted CUB_200_2011 folder: images.txt, image_class_labels.txt,
-               train_test_split.txt, images/<class>/<image>.jpg (bounding_boxes.txt and
-               parts/part_locs.txt add localisation); or set LCR_CUB_ROOT
-  cars         DIR holds stanford_cars/ in torchvision's layout; or set LCR_CARS_ROOT
-  aircraft     DIR holds fgvc-aircraft-2013b/ in torchvision's layout; or LCR_AIRCRAFT_ROOT
-  cifar100     DIR holds cifar-100-python/{train,test,meta}; or set LCR_CIFAR100_ROOT
-  imagefolder  DIR/train/<class>/<image> and DIR/test/<class>/<image> (same class names)
-An image that cannot be decoded stops the run with its file name.
-
+DATA_HELP = (
+    DATASET_LAYOUTS
+    + """
 shipped configs (--config NAME, or --config FILE.yaml):
 {configs}"""
+)
 
 
 class HelpFormatter(DefaultHelpFormatter, RawDescriptionHelpFormatter):
@@ -89,21 +86,45 @@ class HelpFormatter(DefaultHelpFormatter, RawDescriptionHelpFormatter):
 
 
 class Parser(ArgumentParser):
-    """jsonargparse's parser that lists its option strings and sub-command parsers.
+    """jsonargparse's parser that lists its option strings and checks typed options itself.
+
+    An option's ``type`` is not given to jsonargparse: :meth:`check_options` converts and
+    checks the parsed values with :func:`~lcr_lightly.experiments.values.check_field`, so a
+    command's own options fail with the same one-line errors as the config fields.
 
     Attributes:
         flags: Every option string added (``--out-dir``, ``-k``, ...).
+        hints: Each typed option's destination: its flag and type.
         commands: The sub-command parsers by name (set by :func:`build_parser`).
     """
 
     flags: Set[str]
+    hints: Dict[str, Tuple[str, Any]]
     commands: Dict[str, Parser]
 
     def add_argument(self, *args: Any, **kwargs: Any) -> Any:
-        """Adds an argument (as jsonargparse does) and records its option strings."""
+        """Adds an argument (as jsonargparse does), recording its option strings and type."""
+        hint = kwargs.pop("type", None)
+        if hint is not None:
+            kwargs["help"] = f"{kwargs.get('help') or ''} (type: {describe(hint)})".lstrip()
         action = super().add_argument(*args, **kwargs)
         self.__dict__.setdefault("flags", set()).update(action.option_strings)
+        if hint is not None:
+            self.__dict__.setdefault("hints", {})[action.dest] = (action.option_strings[-1], hint)
         return action
+
+    def check_options(self, args: Namespace) -> None:
+        """Converts and checks the typed options of ``args`` in place.
+
+        Raises:
+            InvalidValue: Naming the flag, the value and the type.
+        """
+        for dest, (flag, hint) in self.__dict__.get("hints", {}).items():
+            value = args[dest]
+            if isinstance(value, list):  # nargs: each value has the type
+                args[dest] = [check_field(f"{flag}[{i}]", hint, v) for i, v in enumerate(value)]
+            else:
+                args[dest] = check_field(flag, hint, value)
 
 
 def _parser(description: Optional[str] = None, **kwargs: Any) -> Parser:
@@ -315,6 +336,7 @@ def parse(argv: Optional[List[str]] = None) -> Tuple[Namespace, Optional[Experim
     parser = build_parser()
     check_command_line(parser, argv)
     args = parser.parse_args(argv)
+    parser.commands[args.command].check_options(args[args.command])
     if args.command not in ("pretrain", "evaluate", "visualize"):
         return args, None
     stored = _stored_config(args)
@@ -323,6 +345,7 @@ def parse(argv: Optional[List[str]] = None) -> Tuple[Namespace, Optional[Experim
         parser.set_defaults(defaults)
         out_dir = args[args.command].out_dir
         args = parser.parse_args(argv)
+        parser.commands[args.command].check_options(args[args.command])
         args[args.command].out_dir = out_dir  # a moved run folder stays where it is now
     return args, to_config(args[args.command])
 

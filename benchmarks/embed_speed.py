@@ -32,7 +32,8 @@ import torch
 
 from lcr_lightly import export_embedder, save_embedder, set_pooling
 from lcr_lightly.eval.retrieval import HNSW_DEFAULTS, hnsw_index, l2_normalize
-from lcr_lightly.experiments.pipeline import ExperimentConfig, make_model
+from lcr_lightly.experiments.build import make_model
+from lcr_lightly.experiments.config import ExperimentConfig
 
 
 def _rate(run: Callable[[], object], images: int) -> float:

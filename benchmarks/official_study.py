@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Sequence
 
 import yaml
 
-from lcr_lightly.experiments.atomic import atomic_write
+from lcr_lightly.atomic import atomic_write
 from lcr_lightly.experiments.config import ExperimentConfig, config_path
 from lcr_lightly.experiments.protocol import run_protocols
 from lcr_lightly.experiments.provenance import provenance

@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader
 from lcr_lightly import load_embedder
 from lcr_lightly.data import UnlabeledFolder, eval_transform
 from lcr_lightly.eval import extract_features
+from lcr_lightly.experiments.build import load_model
 from lcr_lightly.experiments.checkpointing import read_checkpoint
 from lcr_lightly.experiments.config import ExperimentConfig
-from lcr_lightly.experiments.pipeline import load_model
 from lcr_lightly.experiments.serving import transform_spec
 
 

@@ -35,18 +35,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
+from lcr_lightly.atomic import atomic_write
 from lcr_lightly.data import DatasetNotFoundError
-from lcr_lightly.experiments.atomic import atomic_write
-from lcr_lightly.experiments.checkpointing import CheckpointError
-from lcr_lightly.experiments.config import config_path
-from lcr_lightly.experiments.pipeline import (
-    ConfigError,
-    EvaluationError,
-    ExperimentConfig,
-    last_checkpoint,
-    run,
-)
+from lcr_lightly.experiments.checkpointing import CheckpointError, last_checkpoint
+from lcr_lightly.experiments.config import ConfigError, ExperimentConfig, config_path
+from lcr_lightly.experiments.evaluate import EvaluationError
 from lcr_lightly.experiments.protocol import run_protocols
+from lcr_lightly.experiments.train import run
 
 # The paper's numbers (ResNet-50, ImageNet init, 224 px, 100 epochs), in %, keyed by
 # (table, dataset, batch size: None for any) and method. Missing: not transcribed here (only

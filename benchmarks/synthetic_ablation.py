@@ -21,9 +21,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from lcr_lightly.experiments.config import LCR_FIELDS, config_path
-from lcr_lightly.experiments.pipeline import ExperimentConfig, make_data, mean_std, run
+from lcr_lightly.experiments.build import make_data
+from lcr_lightly.experiments.config import LCR_FIELDS, ExperimentConfig, config_path
 from lcr_lightly.experiments.provenance import provenance
+from lcr_lightly.experiments.report import mean_std
+from lcr_lightly.experiments.train import run
 
 LOSS_VARIANTS: Dict[str, Dict[str, Any]] = {
     "baseline (no LCR)": {"lcr": False},

@@ -29,8 +29,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader
 
 from lcr_lightly import RationaleMaps, RetrievalMonitor
+from lcr_lightly.experiments.build import make_data, make_model
+from lcr_lightly.experiments.config import ExperimentConfig
 from lcr_lightly.experiments.demo import demo_config
-from lcr_lightly.experiments.pipeline import ExperimentConfig, make_data, make_model
 
 POOLINGS = {"gap": "GAP", "rationale": "rationale (LCR)", "norm": "feature norm"}
 TINY = dict(

@@ -29,9 +29,9 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lcr_lightly.atomic import atomic_path
 from lcr_lightly.data.unlabeled import list_images, read_image
 from lcr_lightly.eval.retrieval import HNSW_DEFAULTS, hnsw_index, l2_normalize
-from lcr_lightly.experiments.atomic import atomic_path
 
 # Up to this many items an exact inner-product search answers a query in a few ms on
 # 2 CPU cores (benchmarks/embed_speed.py); beyond, HNSW.

@@ -8,8 +8,7 @@ import pytest
 import yaml
 
 from lcr_lightly.experiments.cli import main, parse
-from lcr_lightly.experiments.config import ConfigError, ExperimentConfig
-from lcr_lightly.experiments.pipeline import DATASETS
+from lcr_lightly.experiments.config import DATASETS, ConfigError, ExperimentConfig
 from lcr_lightly.gradcam import GRADCAM_MODES
 from lcr_lightly.losses import DIRECTIONS, HEADS, REDUCTIONS, SOFTMAX_AXES, TARGETS, GradCAMFitLoss
 from lcr_lightly.models import METHODS
@@ -149,7 +148,7 @@ def test_shipped_configs_load(path):
 
 
 def test_ema_momentum_reaches_the_momentum_encoder():
-    from lcr_lightly.experiments.pipeline import make_model
+    from lcr_lightly.experiments.build import make_model
 
     small = dict(widths=[8, 8, 16, 16], lcr=False)
     assert make_model(ExperimentConfig(ema_momentum=0.99, **small)).momentum == 0.99
@@ -161,7 +160,7 @@ def test_ema_momentum_reaches_the_momentum_encoder():
 
 
 def test_every_lcr_field_reaches_the_built_model():
-    from lcr_lightly.experiments.pipeline import make_model
+    from lcr_lightly.experiments.build import make_model
 
     cfg = ExperimentConfig(
         widths=[8, 8, 16, 16], k=8, weight=0.2, tau=0.5, target="raw", head="minmax",
@@ -192,7 +191,7 @@ def test_every_lcr_field_reaches_the_built_model():
 )
 def test_official_loss_names_the_script(value, expected):
     """official_loss: true (configs written before the MoCo preset) is the BYOL script."""
-    from lcr_lightly.experiments.pipeline import make_model
+    from lcr_lightly.experiments.build import make_model
 
     cfg = ExperimentConfig.from_dict({"widths": [8, 8, 16, 16], "official_loss": value})
     loss = make_model(cfg).common_rationale.loss_fn
@@ -204,7 +203,7 @@ def test_official_loss_names_the_script(value, expected):
 
 
 def test_stem_pool_false_needs_a_resnet():
-    from lcr_lightly.experiments.pipeline import make_model
+    from lcr_lightly.experiments.build import make_model
 
     cfg = ExperimentConfig(backbone="efficientnet_lite0", stem_pool=False, lcr=False)
     with pytest.raises(ConfigError, match="^stem_pool: EfficientNet has no stem max-pool to drop"):

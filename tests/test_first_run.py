@@ -161,9 +161,9 @@ def test_config_file_errors_name_the_file(tmp_path, capsys):
 def test_synthetic_init_config_loads_the_shipped_init(tmp_path, capsys):
     import torch
 
+    from lcr_lightly.experiments.build import make_model
     from lcr_lightly.experiments.cli import parse
     from lcr_lightly.experiments.config import GENERIC_INIT_FILE, ConfigError, ExperimentConfig
-    from lcr_lightly.experiments.pipeline import make_model
 
     main(["pretrain", "--config", "synthetic_init", "--print-config"])
     assert "weights: generic_init\n" in capsys.readouterr().out

@@ -15,10 +15,10 @@ from torch import Tensor
 from lcr_lightly import Gallery, build_gallery
 from lcr_lightly.data import eval_transform
 from lcr_lightly.data.unlabeled import list_images
+from lcr_lightly.experiments.build import make_model
 from lcr_lightly.experiments.checkpointing import save_model
 from lcr_lightly.experiments.cli import main
 from lcr_lightly.experiments.config import ExperimentConfig
-from lcr_lightly.experiments.pipeline import make_model
 
 
 class CountingEmbed:
@@ -160,7 +160,7 @@ def test_cli_export_embed_search_end_to_end(tmp_path: Path, checkpoint: Path, ca
     gallery = Gallery.load(gallery_file)
     assert gallery.paths == sorted(names) and gallery.meta["pooling"] == "rationale"
     # the ONNX features equal the library's: model(x) with rationale pooling, L2-normalised
-    from lcr_lightly.experiments.pipeline import load_model
+    from lcr_lightly.experiments.build import load_model
 
     model = load_model(ExperimentConfig(widths=[8, 8, 16, 16], image_size=32), checkpoint).eval()
     transform = eval_transform(32, crop=False)

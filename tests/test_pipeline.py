@@ -5,16 +5,11 @@ import pytest
 import torch
 
 from lcr_lightly import set_pooling
-from lcr_lightly.experiments.pipeline import (
-    ConfigError,
-    ExperimentConfig,
-    evaluate,
-    format_table,
-    make_data,
-    make_model,
-    mean_std,
-    run,
-)
+from lcr_lightly.experiments.build import make_data, make_model
+from lcr_lightly.experiments.config import ConfigError, ExperimentConfig
+from lcr_lightly.experiments.evaluate import evaluate
+from lcr_lightly.experiments.report import format_table, mean_std
+from lcr_lightly.experiments.train import run
 
 TINY = dict(
     widths=[8, 8, 16, 16],

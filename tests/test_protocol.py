@@ -8,9 +8,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from lcr_lightly.eval import extract_features
+from lcr_lightly.experiments.build import make_model
 from lcr_lightly.experiments.checkpointing import read_checkpoint
 from lcr_lightly.experiments.config import ExperimentConfig
-from lcr_lightly.experiments.pipeline import make_model
 from lcr_lightly.experiments.protocol import choose_epochs, protocol_data, run_protocols, summarize
 
 

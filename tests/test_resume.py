@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from lcr_lightly.atomic import atomic_path, atomic_write
 from lcr_lightly.data import SyntheticFineGrained, export_cub_layout
-from lcr_lightly.experiments.atomic import atomic_path, atomic_write
+from lcr_lightly.experiments.build import load_model, make_data
 from lcr_lightly.experiments.checkpointing import read_checkpoint
 from lcr_lightly.experiments.cli import main
-from lcr_lightly.experiments.pipeline import ExperimentConfig, evaluate, load_model, make_data
+from lcr_lightly.experiments.config import ExperimentConfig
+from lcr_lightly.experiments.evaluate import evaluate
 from tests.test_cli import TINY_FLAGS
 
 ROOT = Path(__file__).parent.parent

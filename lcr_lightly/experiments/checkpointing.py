@@ -10,7 +10,8 @@
 * :class:`SigtermCheckpoint` saves ``interrupted.ckpt`` when Lightning stops training on
   SIGTERM (a scheduler's preemption), so the run can go on from the step it reached.
 * :func:`read_checkpoint` turns unreadable or foreign files into one-line
-  :class:`CheckpointError` messages.
+  :class:`CheckpointError` messages; :func:`resume_checkpoint` and :func:`resume_config`
+  find the checkpoint a run continues from and its config (or an intact one beside it).
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lcr_lightly.experiments.atomic import atomic_path
+from lcr_lightly.atomic import atomic_path
+from lcr_lightly.experiments.config import ExperimentConfig
 
+CHECKPOINT_DIR = "checkpoints"
 CONFIG_KEY = "lcr_lightly_config"
 MODEL_FORMAT = "lcr-lightly-model"
 
@@ -43,6 +46,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``torch.save`` checkpointing through a temporary file and a rename.
 
     A kill while ``last.ckpt`` is rewritten then leaves the previous ``last.ckpt``.
+    Lightning's own ``TorchCheckpointIO`` (``lightning_fabric.utilities.cloud_io._atomic_save``,
+    2.6) writes through an fsspec transaction whose local file is a ``tempfile.mkstemp()``
+    in the system temporary folder, moved with ``shutil.move`` on commit: when that folder
+    is on another file system than the run (a tmpfs ``/tmp``, a cluster's scratch) the
+    move copies into the final path, so a kill during the copy leaves a truncated
+    checkpoint; nor is the data fsynced before the move. :func:`atomic_path` writes beside
+    the target, fsyncs and renames.
     """
 
     def save_checkpoint(
@@ -247,3 +257,60 @@ def _next_epoch(loaded: Dict[str, Any], epoch: int) -> int:
         return epoch + 1
     # stopped after the epoch's last step but before its end hooks: that epoch is done
     return max(processed, epoch + 1) if last_batch_done else processed
+
+
+def last_checkpoint(cfg: ExperimentConfig) -> Path:
+    """Where a run's latest training checkpoint is (``<out_dir>/checkpoints/last.ckpt``)."""
+    return Path(cfg.out_dir) / CHECKPOINT_DIR / "last.ckpt"
+
+
+def resume_checkpoint(cfg: ExperimentConfig) -> Path:
+    """The checkpoint ``--resume`` continues from.
+
+    The newer of ``last.ckpt`` and ``interrupted.ckpt`` (written on SIGTERM);
+    ``last.ckpt``'s path when neither exists.
+    """
+    last = last_checkpoint(cfg)
+    found = [p for p in (last, last.with_name(SigtermCheckpoint.FILENAME)) if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else last
+
+
+def resume_config(path: Path, suggest_intact: bool = True) -> Dict[str, Any]:
+    """The config stored in the training checkpoint a run resumes from.
+
+    Args:
+        path: The training checkpoint.
+        suggest_intact: For a damaged file, name the newest intact checkpoint beside it.
+
+    Returns:
+        The stored config (a dict of :class:`ExperimentConfig` fields).
+
+    Raises:
+        CheckpointError: If the file is unreadable or holds no lcr-lightly config.
+    """
+    try:
+        config = read_checkpoint(path, training=True).config
+    except CheckpointError as err:
+        intact = intact_checkpoint(path) if suggest_intact else None
+        if intact is None:
+            raise
+        raise CheckpointError(
+            f"{err}; {intact} beside it is intact: continue from it with --resume-from {intact}"
+        ) from None
+    if config is None:
+        raise CheckpointError(
+            f"not a readable lcr-lightly checkpoint: {path} (it holds no lcr-lightly config)"
+        )
+    return config
+
+
+def intact_checkpoint(broken: Path) -> Optional[Path]:
+    """The newest readable training checkpoint in the folder of a damaged one, if any."""
+    others = [p for p in broken.parent.glob("*.ckpt") if p != broken]
+    for candidate in sorted(others, key=lambda p: p.stat().st_mtime_ns, reverse=True):
+        try:
+            if read_checkpoint(candidate, training=True).config is not None:
+                return candidate
+        except CheckpointError:
+            continue
+    return None

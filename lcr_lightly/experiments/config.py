@@ -1,11 +1,12 @@
-"""The experiment configuration: typed fields, validated from Python, YAML and flags alike.
+"""The experiment configuration: one dataclass, validated from Python, YAML and flags alike.
 
-:class:`ExperimentConfig` is the single source of the fields. Their types (``Literal``
-choices and jsonargparse's restricted numbers) drive both the command line (through
-jsonargparse, see :func:`add_config_arguments`) and the checks in
-``ExperimentConfig.__post_init__``, so ``lcr-lightly pretrain --epochs -3``, ``epochs: -3``
-in YAML and ``ExperimentConfig(epochs=-3)`` fail with the same one-line
-:class:`ConfigError`.
+:class:`ExperimentConfig` is the single source of the fields: their types (``Literal``
+choices and jsonargparse's restricted numbers) are the choices and ranges, their
+docstring ``Attributes`` the flags' ``--help``. :func:`check_field` converts and checks a
+value against a field's type (YAML strings such as ``"3e-2"`` or ``"false"`` included),
+so ``lcr-lightly pretrain --epochs -3``, ``epochs: -3`` in YAML and
+``ExperimentConfig(epochs=-3)`` fail with the same one-line :class:`InvalidValue`; an
+unknown key names the closest field (:func:`unknown_key`).
 """
 
 from __future__ import annotations
@@ -14,13 +15,9 @@ import dataclasses
 import difflib
 import functools
 import inspect
-import math
-import re
-from argparse import ArgumentError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import (
-    TYPE_CHECKING,
     Any,
     Dict,
     List,
@@ -34,37 +31,23 @@ from typing import (
 
 from jsonargparse import ArgumentParser
 
+from lcr_lightly.experiments.values import (
+    ConfigError,
+    FiniteNonNegativeFloat,
+    FinitePositiveFloat,
+    NonNegativeInt,
+    PositiveInt,
+    ScaleFloat,
+    Seed,
+    check_field,
+    describe,
+)
 from lcr_lightly.losses import GradCAMFitLoss
 from lcr_lightly.models.backbones import is_known_backbone
 from lcr_lightly.models.pretrained import IMAGENET, IMAGENET_SOURCES
 
-if TYPE_CHECKING:  # static checkers see the plain number types
-    PositiveInt = int
-    NonNegativeInt = int
-    FinitePositiveFloat = float
-    FiniteNonNegativeFloat = float
-    ScaleFloat = float
-    Seed = int
-else:
-    from jsonargparse.typing import NonNegativeInt, PositiveInt, restricted_number_type
-
-    FinitePositiveFloat = restricted_number_type(
-        "FinitePositiveFloat", float, [(">", 0.0), ("<", math.inf)], docstring="finite float > 0"
-    )
-    FiniteNonNegativeFloat = restricted_number_type(
-        "FiniteNonNegativeFloat",
-        float,
-        [(">=", 0.0), ("<", math.inf)],
-        docstring="finite float >= 0",
-    )
-    ScaleFloat = restricted_number_type(
-        "ScaleFloat", float, [(">", 0.0), ("<=", 1.0)], docstring="float in (0, 1]"
-    )
-    Seed = restricted_number_type(
-        "Seed", int, [(">=", 0), ("<", 2**32)], docstring="int in [0, 2**32)"
-    )
-
-DATASETS = ("synthetic", "cub", "cars", "aircraft", "cifar100", "imagefolder", "folder")
+Dataset = Literal["synthetic", "cub", "cars", "aircraft", "cifar100", "imagefolder", "folder"]
+DATASETS = get_args(Dataset)
 
 # ``weights: generic_init``: the synthetic generic-set init that ships in the package
 # (lcr_lightly/assets), for small_resnet with these widths.
@@ -75,22 +58,9 @@ GENERIC_INIT_FILE = Path(__file__).parent.parent / "assets" / "init_small_resnet
 # Configs that ship in the package: ``--config NAME`` loads ``configs/NAME.yaml``.
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"
 
-DESCRIPTIONS: Dict[Any, str] = {
-    PositiveInt: "an integer > 0",
-    NonNegativeInt: "an integer >= 0",
-    FinitePositiveFloat: "a finite number > 0",
-    FiniteNonNegativeFloat: "a finite number >= 0",
-    ScaleFloat: "a number in (0, 1]",
-    Seed: "an integer in [0, 2**32)",
-    bool: "true or false",
-    int: "an integer",
-    float: "a number",
-    str: "a string",
-}
 
-
-class ConfigError(ValueError):
-    """A configuration value or combination that cannot run (message: one line)."""
+class UsageError(ValueError):
+    """A command that cannot run as given (message: one line)."""
 
 
 @dataclass
@@ -236,9 +206,7 @@ class ExperimentConfig(LCRConfig):
     weights: Optional[str] = None
     stem_pool: bool = True
     # data
-    dataset: Literal[
-        "synthetic", "cub", "cars", "aircraft", "cifar100", "imagefolder", "folder"
-    ] = "synthetic"
+    dataset: Dataset = "synthetic"
     data_root: Optional[str] = None
     eval_root: Optional[str] = None
     image_size: PositiveInt = 64
@@ -269,17 +237,22 @@ class ExperimentConfig(LCRConfig):
     checkpoint_every: NonNegativeInt = 10
     logger: Literal["csv", "tensorboard"] = "csv"
 
-    def __post_init__(self) -> None:
-        values = dataclasses.asdict(self)
-        try:
-            parsed = _validator().parse_object(values)
-        except ArgumentError as err:  # jsonargparse's, a long multi-line message
-            raise condense(str(err), values) from None
-        for name in values:
-            setattr(self, name, _plain(parsed[name]))
-        self._check_combinations()
+    def __new__(cls, *args: Any, **kwargs: Any) -> ExperimentConfig:
+        """Refuses an unknown keyword with the closest field (a ``TypeError``, as Python's)."""
+        for key in kwargs:  # Python's own TypeError names no close field
+            if key not in FIELD_NAMES:
+                close = difflib.get_close_matches(key, FIELD_NAMES, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else "; see ExperimentConfig"
+                raise TypeError(f"ExperimentConfig got an unknown option {key!r}{hint}")
+        return super().__new__(cls)
 
-    def _check_combinations(self) -> None:
+    def __post_init__(self) -> None:
+        for name, hint in field_types().items():
+            setattr(self, name, check_field(name, hint, getattr(self, name)))
+        self.check_combinations()
+
+    def check_combinations(self) -> None:
+        """Refuses fields that are valid alone but cannot run together."""
         if self.backbone == "small_resnet":
             if len(self.widths) != 4:
                 raise ConfigError(
@@ -339,21 +312,10 @@ class ExperimentConfig(LCRConfig):
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(ExperimentConfig))
 
 
-def _checked_init(init: Any) -> Any:
-    @functools.wraps(init)
-    def checked(self: ExperimentConfig, *args: Any, **kwargs: Any) -> None:
-        for key in kwargs:  # the YAML and flag paths name the closest field too
-            if key not in FIELD_NAMES:
-                close = difflib.get_close_matches(key, FIELD_NAMES, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else "; see ExperimentConfig"
-                raise TypeError(f"ExperimentConfig got an unknown option {key!r}{hint}")
-        init(self, *args, **kwargs)
-
-    return checked
-
-
-# dataclass writes __init__; this one adds the closest field to Python's TypeError
-setattr(ExperimentConfig, "__init__", _checked_init(ExperimentConfig.__init__))  # noqa: B010
+@functools.lru_cache(maxsize=1)
+def field_types() -> Dict[str, Any]:
+    """Each field's type (``Literal``, restricted number, ``Optional``, ``List``)."""
+    return get_type_hints(ExperimentConfig)
 
 
 def shipped_configs() -> List[str]:
@@ -383,26 +345,25 @@ def weights_file(weights: Optional[str]) -> Optional[str]:
 
 
 def add_config_arguments(parser: ArgumentParser) -> None:
-    """Adds one typed flag per :class:`ExperimentConfig` field (``--out-dir`` for ``out_dir``).
+    """Adds one flag per :class:`ExperimentConfig` field (``--out-dir`` for ``out_dir``).
 
     Booleans get ``--x [true|false]`` and ``--no-x``; lists take several values
-    (``--widths 8 8 16 16``). A ``--config`` YAML file maps the same keys.
+    (``--widths 8 8 16 16``). The flags take any text: :class:`ExperimentConfig` converts
+    and checks the values (:func:`check_field`), so flags, YAML and Python give the same
+    errors. A ``--config`` YAML file maps the same keys.
 
     Args:
         parser: A jsonargparse parser.
     """
-    hints = get_type_hints(ExperimentConfig)
     docs = field_docs()
     for f in dataclasses.fields(ExperimentConfig):
         flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
+        hint = field_types()[f.name]
         factory: Any = f.default_factory
         default = f.default if f.default is not dataclasses.MISSING else factory()
-        doc = docs.get(f.name)
+        doc = f"{docs.get(f.name)} (type: {describe(hint)})"
         if hint is bool:
-            parser.add_argument(
-                flag, dest=f.name, type=bool, nargs="?", const=True, default=default, help=doc
-            )
+            parser.add_argument(flag, dest=f.name, nargs="?", const=True, default=default, help=doc)
             parser.add_argument(  # its own default must not replace the field's
                 "--no-" + flag[2:],
                 dest=f.name,
@@ -410,12 +371,9 @@ def add_config_arguments(parser: ArgumentParser) -> None:
                 default=default,
                 help=f"same as {flag} false",
             )
-        elif get_origin(hint) is list:
-            parser.add_argument(
-                flag, dest=f.name, type=get_args(hint)[0], nargs="+", default=default, help=doc
-            )
         else:
-            parser.add_argument(flag, dest=f.name, type=hint, default=default, help=doc)
+            nargs = "+" if get_origin(hint) is list else None
+            parser.add_argument(flag, dest=f.name, nargs=nargs, default=default, help=doc)
 
 
 @functools.lru_cache(maxsize=1)
@@ -435,39 +393,6 @@ def field_docs() -> Dict[str, str]:
     return docs
 
 
-@functools.lru_cache(maxsize=1)
-def _validator() -> ArgumentParser:
-    parser = ArgumentParser(exit_on_error=False, allow_abbrev=False, print_config=None)
-    add_config_arguments(parser)
-    return parser
-
-
-def _plain(value: Any) -> Any:
-    """Turns jsonargparse's restricted numbers (int/float subclasses) back into int/float."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def describe(hint: Any) -> str:
-    """Human text for a field's type, e.g. ``"an integer > 0 or null"``."""
-    origin = get_origin(hint)
-    if origin is Literal:
-        return "one of " + ", ".join(str(a) for a in get_args(hint))
-    if origin is Union:
-        parts = [describe(a) for a in get_args(hint) if a is not type(None)]
-        return " or ".join(parts) + (" or null" if type(None) in get_args(hint) else "")
-    if origin is list:
-        return f"a list of {describe(get_args(hint)[0]).removeprefix('an ').removeprefix('a ')}s"
-    return DESCRIPTIONS.get(hint, getattr(hint, "__name__", str(hint)))
-
-
 def unknown_key(key: str) -> ConfigError:
     """The error for a key (or ``--flag``) that is not a field, with the closest field."""
     flag = key.startswith("-")
@@ -477,57 +402,3 @@ def unknown_key(key: str) -> ConfigError:
         return ConfigError(f"{what}; see --help.")
     name = "--" + close[0].replace("_", "-") if flag else repr(close[0])
     return ConfigError(f"{what}; did you mean {name}?")
-
-
-_KEY = re.compile(r'Parser key "([\w.]+)"(?: element (\d+))?')
-_VALUE = (
-    re.compile(r"(?:Got|Given) value: (.*)"),
-    re.compile(r"Not of type \w+: (.*?) (?:does not conform|not a number|not an integer)"),
-    re.compile(r"invalid literal for int\(\) with base 10: '(.*)'"),
-    re.compile(r"could not convert string to float: '(.*)'"),
-)
-_SUBCOMMAND_KEY = re.compile(r"\b(?:demo|pretrain|evaluate|visualize|init|export-synthetic)\.(\w+)")
-_UNKNOWN = (
-    re.compile(r"does not accept option '([\w.-]+)'"),
-    re.compile(r'Key "([\w.-]+)" is not expected'),
-    re.compile(r"unrecognized arguments: (\S+)"),
-)
-
-
-def condense(message: str, values: Optional[Dict[str, Any]] = None) -> ConfigError:
-    """Condenses a (multi-line) jsonargparse error into one line naming key, value and type.
-
-    Args:
-        message: jsonargparse's error message.
-        values: The values that were parsed (to quote the bad one exactly), if known.
-
-    Returns:
-        The :class:`ConfigError`; other messages (a command's own flags, argparse's
-        usage errors) come back with their whitespace collapsed into one line.
-    """
-    match = _KEY.search(message)
-    if match is None:
-        for pattern in _UNKNOWN:
-            unknown = pattern.search(message)
-            if unknown is not None:
-                return unknown_key(unknown.group(1))
-        text = _SUBCOMMAND_KEY.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
-        return ConfigError(" ".join(text.split()) or "bad command line")
-    key, element = match.group(1).rsplit(".", 1)[-1], match.group(2)  # "pretrain.k" -> "k"
-    if key not in FIELD_NAMES:  # a command's own flag (--config, --n, ...)
-        detail = message[match.end() :].strip(" :\n").splitlines()
-        flag = "--" + key.replace("_", "-")
-        return ConfigError(f"{flag}: {detail[0].strip() if detail else 'invalid value'}")
-    hint = get_type_hints(ExperimentConfig)[key]
-    if values is not None and key in values:
-        value = values[key]
-        if element is not None and isinstance(value, (list, tuple)):
-            value = value[int(element) - 1]
-        shown = repr(value)
-    else:
-        found = (p.search(message) for p in _VALUE)
-        value_match = next((m for m in found if m is not None), None)
-        shown = repr(value_match.group(1).strip()) if value_match else "(see --help)"
-    if element is not None:
-        key, hint = f"{key}[{int(element) - 1}]", get_args(hint)[0]
-    return ConfigError(f"{key}: invalid value {shown}; expected {describe(hint)}.")

@@ -21,17 +21,12 @@ from typing import Any, Dict, List, Tuple
 import torch
 import yaml
 
-from lcr_lightly.experiments.atomic import atomic_path, atomic_write
-from lcr_lightly.experiments.pipeline import (
-    ExperimentConfig,
-    aligned_table,
-    evaluate,
-    fit,
-    format_table,
-    make_data,
-    make_model,
-    save_run,
-)
+from lcr_lightly.atomic import atomic_path, atomic_write
+from lcr_lightly.experiments.build import make_data, make_model
+from lcr_lightly.experiments.config import ExperimentConfig
+from lcr_lightly.experiments.evaluate import evaluate
+from lcr_lightly.experiments.report import aligned_table, format_table
+from lcr_lightly.experiments.train import fit, save_run
 from lcr_lightly.models.pretrained import IMAGENET
 
 CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
@@ -53,7 +48,7 @@ def run_demo(
     Args:
         out_dir: Output folder (tables, JSON, figure, logs).
         progress: Show progress bars.
-        **overrides: :class:`~lcr_lightly.experiments.pipeline.ExperimentConfig` fields.
+        **overrides: :class:`~lcr_lightly.experiments.config.ExperimentConfig` fields.
 
     Returns:
         ``{"rows": ..., "localization": ..., "figure": ...}``.

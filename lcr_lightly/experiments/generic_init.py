@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from lcr_lightly.atomic import atomic_path
 from lcr_lightly.data import SyntheticFineGrained, eval_transform
-from lcr_lightly.experiments.atomic import atomic_path
 from lcr_lightly.models import SmallResNet
 
 # The settings the shipped file was trained with (and the defaults of `lcr-lightly init`).

@@ -39,7 +39,7 @@ def load_model(path: Union[str, os.PathLike], **overrides: Any) -> pl.LightningM
             plain ``state_dict``: build the model and call ``load_state_dict``).
         ConfigError: If an override is not a valid value.
     """
-    from lcr_lightly.experiments.pipeline import load_model as load_configured
+    from lcr_lightly.experiments.build import load_model as load_configured
 
     saved = read_checkpoint(path)
     if saved.config is None:

@@ -28,20 +28,14 @@ from typing import Any, Callable, Dict, List, Tuple
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from lcr_lightly.atomic import atomic_write
 from lcr_lightly.eval import extract_features, knn_accuracy, retrieval_metrics
-from lcr_lightly.experiments.atomic import atomic_write
-from lcr_lightly.experiments.checkpointing import read_checkpoint
+from lcr_lightly.experiments.build import DataBundle, make_data, make_model
+from lcr_lightly.experiments.checkpointing import CHECKPOINT_DIR, read_checkpoint
 from lcr_lightly.experiments.config import ExperimentConfig
-from lcr_lightly.experiments.pipeline import (
-    CHECKPOINT_DIR,
-    DataBundle,
-    fit,
-    linear_rows,
-    make_data,
-    make_model,
-    save_run,
-)
+from lcr_lightly.experiments.evaluate import linear_rows
 from lcr_lightly.experiments.provenance import provenance
+from lcr_lightly.experiments.train import fit, save_run
 
 PROTOCOLS = ("honest", "official", "both")
 RETRIEVAL = ("rank1", "rank5", "mAP")

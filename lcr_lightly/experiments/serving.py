@@ -42,7 +42,7 @@ def transform_spec(cfg: ExperimentConfig) -> Dict[str, Any]:
     """The evaluation transform of a run, as stored in exported files and galleries.
 
     The synthetic set is rendered at its size and only resized; real images are resized
-    and centre-cropped, as :func:`~lcr_lightly.experiments.pipeline.make_data` does.
+    and centre-cropped, as :func:`~lcr_lightly.experiments.build.make_data` does.
     """
     return {"image_size": cfg.image_size, "crop": cfg.dataset != "synthetic"}
 
@@ -52,7 +52,7 @@ def _transform(spec: Dict[str, Any]) -> Callable[[Any], Tensor]:
 
 
 def _model_from_checkpoint(path: Path) -> Tuple[Any, ExperimentConfig]:
-    from lcr_lightly.experiments.pipeline import load_model
+    from lcr_lightly.experiments.build import load_model
 
     stored = read_checkpoint(path).config
     if stored is None:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from lcr_lightly._validation import check_choice
-from lcr_lightly.experiments.atomic import atomic_path
+from lcr_lightly.atomic import atomic_path
 from lcr_lightly.export.errors import ExportError, require_onnx
 from lcr_lightly.export.modules import Embedder
 from lcr_lightly.trace import dry_input

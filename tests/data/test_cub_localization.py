@@ -118,7 +118,9 @@ def test_cub_localization_needs_boxes_and_parts(exported, tmp_path):
 
 
 def test_pipeline_evaluates_cub_localization(exported, tmp_path):
-    from lcr_lightly.experiments.pipeline import ExperimentConfig, evaluate, make_data, make_model
+    from lcr_lightly.experiments.build import make_data, make_model
+    from lcr_lightly.experiments.config import ExperimentConfig
+    from lcr_lightly.experiments.evaluate import evaluate
 
     root, synthetic = exported
     cfg = ExperimentConfig(

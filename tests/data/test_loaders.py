@@ -203,7 +203,8 @@ def test_image_folder_refuses_classes_unknown_to_training(tmp_path):
 
 
 def test_pipeline_imagefolder_labels_match_across_splits(tmp_path):
-    from lcr_lightly.experiments.pipeline import ExperimentConfig, make_data
+    from lcr_lightly.experiments.build import make_data
+    from lcr_lightly.experiments.config import ExperimentConfig
 
     _class_folders(tmp_path / "train", ["ant", "bee", "cat"])
     _class_folders(tmp_path / "test", ["ant", "cat"])
@@ -216,7 +217,8 @@ def test_pipeline_imagefolder_labels_match_across_splits(tmp_path):
 
 
 def test_val_split_of_real_data_is_carved_from_train_and_held_out_of_ssl(tmp_path):
-    from lcr_lightly.experiments.pipeline import ExperimentConfig, make_data
+    from lcr_lightly.experiments.build import make_data
+    from lcr_lightly.experiments.config import ExperimentConfig
 
     for n in range(10):  # 10 images of each of 2 classes, all distinct
         _jpg(tmp_path / "train/ant" / f"{n}.jpg", color=(n * 20, 0, 0))

@@ -1,4 +1,4 @@
-"""The official recipes against this library's defaults, under both evaluation protocols.
+"""The official recipes against this library's earlier defaults, under both evaluation protocols.
 
 From real ImageNet weights (EfficientNet-Lite0) at 224 px (a 7x7 last map, as the paper's
 ResNet-50), on the synthetic fine-grained set (the shipped config ``official_study``),
@@ -11,8 +11,10 @@ Rows, over paired seeds:
 
 * ``mocov2``: the ImageNet initialisation alone; MoCo v2; + LCR with the official MoCo
   preset (``GradCAMFitLoss.official("moco")``, GradCAM of the query view only, batch-wide
-  min-max at inference); + LCR at this library's defaults; the official preset with the
-  per-image map at inference; the official MoCo loss alone (every view, per-image map).
+  min-max at inference); + LCR at this library's earlier defaults (``tau=0.4``, max-scaled
+  target, batch mean, pinned in the config); the official preset with the per-image map at
+  inference; the official MoCo loss alone (every view, per-image map), which this study made
+  the library's default loss.
 * ``byol``: BYOL; + LCR with the official BYOL preset (``official("byol")``, view 1 only).
   EfficientNet-Lite0 has no stem max-pool, so the official BYOL backbone's change
   (``stem_pool: false``) does not apply to it.
@@ -56,7 +58,8 @@ VARIANTS: Dict[str, Dict[str, Dict[str, Any]]] = {
             "views": "first",
             "normalize": "batch",
         },
-        "+ LCR (defaults)": {},
+        # the loss of official_study.yaml: this library's defaults before this study
+        "+ LCR (earlier defaults)": {},
         # which part of the official recipe matters: inference per image, then loss alone
         "+ LCR (official MoCo preset, per-image map)": {
             "official_loss": "moco",

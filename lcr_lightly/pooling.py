@@ -34,7 +34,8 @@ def minmax_normalize(maps: Tensor, over: str = "image", eps: float = 1e-7) -> Te
         low = maps.min()
         shifted = maps - low
         span = shifted.max()
-        return shifted / (span + eps) if span > 0 else torch.ones_like(maps)
+        # a NaN span (non-finite maps) must stay NaN for the non-finite checks downstream
+        return torch.ones_like(maps) if span == 0 else shifted / (span + eps)
     flat = maps.flatten(1)
     low = flat.min(dim=1).values
     high = flat.max(dim=1).values

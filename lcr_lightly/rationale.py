@@ -68,8 +68,9 @@ class CommonRationale(nn.Module):
         k: Number of head projections K.
         loss: The fitting loss; ``GradCAMFitLoss()`` when None.
         pool: The global pooling module to replace at inference, or None.
-        detach_features: Train the head on detached maps (the backbone then sees only
-            the SSL loss); False lets the KL gradient reach the backbone (official code).
+        detach_features: Train the head on detached maps and GradCAMs (the backbone then
+            sees only the SSL loss); False lets the KL gradient reach the backbone, through
+            A and, unless the loss detaches its target, through G (official code).
         gradcam_mode: ``"elementwise"`` (LCR) or ``"channel"`` (classic Grad-CAM).
         views: ``"all"`` online views captured in a step, or only the ``"first"``
             (the official BYOL code).
@@ -158,15 +159,7 @@ class CommonRationale(nn.Module):
 
     @classmethod
     def from_resolution(cls, resolution: Resolution, **options: Any) -> CommonRationale:
-        """The module for what :func:`~lcr_lightly.resolve.resolve` found.
-
-        Args:
-            resolution: The sites (online first), channels and reshape.
-            **options: Further constructor arguments (``k``, ``loss``, ...).
-
-        Returns:
-            The module.
-        """
+        """The module for what :func:`~lcr_lightly.resolve.resolve` found (+ ``k``, ``loss``...)."""
         online, *copies = resolution.sites
         return cls(
             online.layer,
@@ -267,11 +260,7 @@ class CommonRationale(nn.Module):
         return sum(c is not None for c in self.captures) == 1
 
     def set_pooling(self, mode: str) -> None:
-        """Chooses the inference pooling: ``"gap"`` or ``"rationale"``.
-
-        Raises:
-            ValueError: For an unknown mode, or ``"rationale"`` when no pool is hooked.
-        """
+        """Chooses the inference pooling, ``"gap"`` or ``"rationale"`` (needs a hooked pool)."""
         self.inference.set_mode(mode)
 
     @contextlib.contextmanager
@@ -281,11 +270,7 @@ class CommonRationale(nn.Module):
             yield
 
     def watch(self, model: nn.Module) -> None:
-        """Warns when ``model(x)`` in eval mode runs none of the hooked pools.
-
-        :func:`release` (or :func:`~lcr_lightly.hooks.remove_hooks` on the model)
-        removes the check.
-        """
+        """Warns when ``model(x)`` in eval mode runs none of the hooked pools (until release)."""
         self.inference.watch(model)
 
     def clear(self) -> None:
@@ -346,7 +331,9 @@ class CommonRationale(nn.Module):
         if check_finite and not all(torch.isfinite(c).all() for _, c in pairs):
             self.nonfinite_found("GradCAM of the SSL loss")
             return pairs[0][1].new_zeros(())  # skipped: a zero term keeps `loss + nu * kl` valid
-        head_maps = [self.head(f.detach() if self.detach_features else f) for f, _ in pairs]
+        if self.detach_features:  # neither A nor G passes the KL gradient to the backbone
+            pairs = [(f.detach(), c.detach()) for f, c in pairs]
+        head_maps = [self.head(f) for f, _ in pairs]
         terms = [self.loss_fn(a, c) for a, (_, c) in zip(head_maps, pairs)]
         kl = torch.stack(terms).mean()
         if check_finite and not torch.isfinite(kl):

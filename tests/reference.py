@@ -57,5 +57,6 @@ def fit_loss(loss_fn: nn.Module, a: Tensor, g: Tensor) -> Tensor:
 
 def kl_term(lcr: nn.Module, features: Tensor, cam: Tensor) -> Tensor:
     """The fitting loss of one view: :func:`fit_loss` of :func:`head_map`."""
-    f = features.detach() if lcr.detach_features else features
-    return fit_loss(lcr.loss_fn, head_map(lcr.head, f), cam)
+    if lcr.detach_features:  # the KL trains the head only
+        features, cam = features.detach(), cam.detach()
+    return fit_loss(lcr.loss_fn, head_map(lcr.head, features), cam)

@@ -59,7 +59,10 @@ def test_max_pooling_of_a_channels_last_map_is_still_refused(pool):
 
 def test_kl_term_on_a_channels_last_map_matches_a_hand_computation():
     swin = tiny_swin().train()
-    lcr = attach(swin, k=4, loss=GradCAMFitLoss(tau=0.5, target="raw"))
+    paper_like = GradCAMFitLoss(
+        tau=0.5, target="raw", head="raw", detach_target=True, reduction="batchmean", softmax="map"
+    )
+    lcr = attach(swin, k=4, loss=paper_like)
     lcr.record = True
     x = torch.randn(2, 3, 64, 64)
     loss = swin(x).pow(2).sum()

@@ -39,18 +39,27 @@ def test_kl_matches_hand_formula(direction, target, reduction):
     torch.manual_seed(0)
     a = torch.rand(3, 2, 3) * 2
     g = torch.rand(3, 2, 3) * 1e-2 + 1e-4
-    loss = GradCAMFitLoss(tau=0.4, target=target, direction=direction, reduction=reduction)
+    loss = GradCAMFitLoss(
+        tau=0.4, target=target, head="raw", direction=direction, reduction=reduction, softmax="map"
+    )
     expected = _hand_loss(a.double(), g.double(), 0.4, target, direction, reduction)
     assert loss(a, g).item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_defaults_are_tau_04_max_target_forward_kl_batchmean():
-    """The default loss is the one RESULTS.md chose: tau 0.4 (paper), max-scaled target."""
+def test_defaults_are_the_official_moco_loss():
+    """The default loss is the one RESULTS.md section 11 chose on the validation split:
+    the official MoCo lines, value and gradient (through A and through G)."""
     torch.manual_seed(1)
-    a = torch.rand(4, 3, 3) * 2
-    g = torch.rand(4, 3, 3) * 1e-2 + 1e-4
-    expected = _hand_loss(a.double(), g.double(), 0.4, "max", "forward", "batchmean")
-    assert GradCAMFitLoss()(a, g).item() == pytest.approx(expected, rel=1e-5)
+    featmap = torch.randn(3, 4, 2, 5, dtype=torch.float64, requires_grad=True)
+    grad_factor = torch.randn(3, 4, 2, 5, dtype=torch.float64)
+    featcov16 = torch.relu(torch.einsum("kc,bchw->bkhw", torch.randn(6, 4).double(), featmap))
+    expected = _official_moco_lines(featmap, grad_factor, featcov16)
+    gradcam = torch.relu((featmap * grad_factor).sum(dim=1))
+    got = GradCAMFitLoss()(featcov16.amax(dim=1), gradcam)
+    torch.testing.assert_close(got, expected.to(got.dtype), rtol=1e-5, atol=1e-6)
+    (want,) = torch.autograd.grad(expected, featmap, retain_graph=True)
+    (have,) = torch.autograd.grad(got, featmap)
+    torch.testing.assert_close(have.float(), want.float(), rtol=1e-4, atol=1e-6)
 
 
 def test_official_preset_matches_official_formula():
@@ -139,7 +148,7 @@ def test_rows_softmax_matches_hand_formula(reduction):
         kls = _kl_rows(_softmax_rows(rows_g), _softmax_rows(rows_a))
         per_image.append(sum(kls))
     expected = sum(per_image) if reduction == "sum" else sum(per_image) / 3
-    loss = GradCAMFitLoss(tau=tau, target="raw", softmax="rows", reduction=reduction)
+    loss = GradCAMFitLoss(tau=tau, target="raw", head="raw", softmax="rows", reduction=reduction)
     assert loss(a.float(), g.float()).item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -180,7 +189,8 @@ def test_minmax_head_option_normalises_over_batch():
 
 def test_kl_is_zero_for_identical_distributions():
     a = torch.rand(3, 4, 4)
-    torch.testing.assert_close(GradCAMFitLoss(target="raw")(a, a.clone()), torch.tensor(0.0))
+    same = GradCAMFitLoss(target="raw", head="raw")(a, a.clone())
+    torch.testing.assert_close(same, torch.tensor(0.0, dtype=same.dtype))
 
 
 def test_bad_options_and_shapes():

@@ -53,3 +53,10 @@ def test_head_attention_follows_its_normalisation_mode():
 def test_unknown_normalisation_is_refused():
     with pytest.raises(ValueError, match=r"^Unknown normalisation 'softmax'"):
         minmax_normalize(torch.zeros(1, 2, 2), over="softmax")
+
+
+def test_batch_minmax_keeps_a_non_finite_map_non_finite():
+    # a NaN/inf head map must reach the KL's finiteness check, not become all ones
+    for bad in (float("nan"), float("inf")):
+        maps = torch.tensor([[[0.0, bad]], [[1.0, 2.0]]])
+        assert not torch.isfinite(minmax_normalize(maps, over="batch")).all()

@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lcr_lightly import count_hooks, with_common_rationale
+from lcr_lightly import GradCAMFitLoss, count_hooks, with_common_rationale
 from lcr_lightly.data import CUB200
 from lcr_lightly.models import MoCoV2
 from tests.conftest import ToySiamese, TwoViews, loader, quiet_trainer, tiny_resnet, two_view_batch
@@ -41,9 +41,18 @@ def _no_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
+# The default (official MoCo) loss sums over the local batch and fits the raw GradCAM, so
+# under DDP its weight is divided by the world size; this loss is mean-reduced and fits a
+# max-scaled GradCAM, so one process and two are the same computation.
+SCALE_FREE = dict(
+    tau=0.4, target="max", head="raw", detach_target=True, reduction="batchmean", softmax="map"
+)
+
+
 def _ddp_model():
     torch.manual_seed(0)
-    return _no_batchnorm(with_common_rationale(ToySiamese(), k=4))
+    model = with_common_rationale(ToySiamese(), k=4, loss=GradCAMFitLoss(**SCALE_FREE))
+    return _no_batchnorm(model)
 
 
 class HalvesOfGlobalBatches(pl.LightningDataModule):

@@ -76,3 +76,28 @@ def test_pooling_check_warns_with_the_hooked_pools_only_when_none_ran():
         "forward evaluates another encoder or pools functionally; pool the feature map with "
         "common_rationale.head.pool(map), or pass pool=."
     )
+
+
+class _HalfMeanPool(nn.Module):
+    """A global average pool that returns float16 (as a pool under fp16 autocast does)."""
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3)).half()
+
+
+def test_each_rationale_pooling_is_counted_once_and_keeps_the_pools_dtype():
+    torch.manual_seed(0)
+    head = CommonRationaleHead(4, k=3).eval()
+    owner = _owner(head)
+    pool = _HalfMeanPool().eval()
+    hook = RationalePooling(pool, owner, eval_only=False)
+    features = torch.randn(2, 4, 3, 3)
+    with torch.no_grad():
+        first = pool(features)
+        assert owner.calls == 1
+        pool(features)
+        assert owner.calls == 2
+        expected = head.pool(features)
+    hook.release()
+    assert first.dtype == torch.float16  # the pool's own output dtype
+    torch.testing.assert_close(first, expected.half())

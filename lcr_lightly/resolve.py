@@ -184,8 +184,8 @@ def _online_child(model: nn.Module, layer: LayerSpec, pool: LayerSpec) -> Option
     return child
 
 
-def _inner(model: nn.Module, spec: LayerSpec, child: str) -> LayerSpec:
-    """An explicit spec as a module inside ``child`` (names are relative to the model)."""
+def _module(model: nn.Module, spec: LayerSpec) -> Optional[nn.Module]:
+    """An explicit spec (names are relative to the model) as the module it names."""
     return None if spec is None else resolve_layer(model, spec)[1]
 
 
@@ -237,8 +237,8 @@ def resolve(
     primary = explicit or group.online[0]
     path = _backbone_path(
         children[primary],
-        _inner(root, layer, primary),
-        _inner(root, pool, primary),
+        _module(root, layer),
+        _module(root, pool),
         reshape,
         in_channels,
         primary,

@@ -66,3 +66,61 @@ def test_attach_and_the_wrapper_describe_the_same_layer():
     attached = attach(model.backbone, k=4)
     assert wrapped.layer_name == "backbone." + attached.layer_name
     assert wrapped.pool_name == "backbone." + attached.pool_name
+
+
+class _TwoArchitectures(ToySiamese):
+    """A backbone and a student of another architecture with the same layer names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.student = tiny_resnet()
+        self.student.layer4 = nn.Sequential(nn.Conv2d(16, 12, 3, padding=1), nn.ReLU())
+        self.student.fc = nn.Identity()
+
+
+def test_an_explicit_layer_resolves_in_its_own_encoders_group():
+    model = _TwoArchitectures()
+    sites = resolve(model, layer="student.layer4", model=True).sites
+    # the backbone has a `layer4` too, but another architecture: not a copy of the student
+    assert [(s.encoder, s.layer_name, s.online) for s in sites] == [
+        ("student", "student.layer4", True)
+    ]
+    model.twin = copy.deepcopy(model.backbone)  # a same-architecture child ...
+    found = resolve(model, model=True, exclude=("twin",)).sites  # ... that is excluded
+    assert [s.encoder for s in found] == ["backbone"]
+    assert [s.encoder for s in resolve(model, model=True).sites] == ["backbone", "twin"]
+
+
+def test_explicit_pool_and_reshape_reach_the_encoders_dry_forward():
+    model = _with_momentum_copy()
+    with pytest.raises(ValueError, match=r"^The pool 'avgpool' consumes \(2, 16, 8, 8\), not"):
+        resolve(model, layer="backbone.layer3", pool="backbone.avgpool", model=True)
+    sites = resolve(model, pool="momentum_backbone.avgpool", model=True).sites
+    assert (sites[0].encoder, sites[0].layer_name) == (
+        "momentum_backbone",
+        "momentum_backbone.layer4",
+    )
+
+    def four_by_sixty_four(out):  # layer3's 16x16x16 map as 4x64
+        return out.reshape(out.shape[0], 16, 4, 64)
+
+    found = resolve(model, layer="backbone.layer3", reshape=four_by_sixty_four, model=True)
+    assert (found.map_shape, found.reshape) == ((2, 16, 4, 64), four_by_sixty_four)
+
+
+class _DictInput(nn.Module):
+    """A backbone whose forward takes a dict: no dry forward can run it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, batch):
+        return self.conv(batch["image"]).mean(dim=(2, 3))
+
+
+def test_without_a_dry_forward_an_explicit_layer_and_channels_are_enough():
+    backbone = _DictInput()
+    found = resolve(backbone, layer="conv", in_channels=4)
+    assert found.sites == (FeatureSite("conv", backbone.conv, None, None, True, ""),)
+    assert (found.in_channels, found.map_shape, found.layout) == (4, (), "NCHW")

@@ -108,15 +108,23 @@ def finished(cfg: ExperimentConfig) -> Any:
 
 
 def run(
-    method: str, base: ExperimentConfig, seeds: Sequence[int], out: Path, command: str
+    method: str,
+    base: ExperimentConfig,
+    seeds: Sequence[int],
+    out: Path,
+    command: str,
+    tag: str = "",
 ) -> Dict[str, List[Dict[str, Any]]]:
-    """Every variant of ``method`` over seeds; writes ``<out>/official_<method>.json``."""
+    """Every variant of ``method`` over seeds; writes ``<out>/official_<method><tag>.json``."""
     runs: Dict[str, List[Dict[str, Any]]] = {name: [] for name in VARIANTS[method]}
     start = time.time()
     for seed in seeds:  # seeds outermost: the file holds paired rows after every seed
         for name, changes in VARIANTS[method].items():
             cfg = replace(
-                base, seed=seed, out_dir=f"outputs/official/{method}/{name}/{seed}", **changes
+                base,
+                seed=seed,
+                out_dir=f"outputs/official/{method}{tag}/{name}/{seed}",
+                **changes,
             )
             result = finished(cfg) or run_protocols(cfg, keep_checkpoints=False)
             runs[name].append(flatten(result))
@@ -132,7 +140,7 @@ def run(
             "command": command,
             "runs": runs,
         }
-        atomic_write(out / f"official_{method}.json", json.dumps(data, indent=2))
+        atomic_write(out / f"official_{method}{tag}.json", json.dumps(data, indent=2))
     return runs
 
 
@@ -144,6 +152,9 @@ def main(argv: Sequence[str] = ()) -> None:
     parser.add_argument("--set", nargs="*", default=[], help="key=value overrides")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--only", nargs="+", default=None, help="run only these rows")
+    parser.add_argument(
+        "--tag", default="", help="suffix of the study file and run folders (another setting)"
+    )
     args = parser.parse_args(list(argv) or None)
     if args.only:  # e.g. to spread the rows of one seed over processes
         for method in args.methods:
@@ -156,9 +167,11 @@ def main(argv: Sequence[str] = ()) -> None:
         f"--seeds {' '.join(map(str, args.seeds))}"
         + (f" --config {args.config}" if args.config != CONFIG else "")
         + (f" --set {' '.join(args.set)}" if args.set else "")
+        + (f" --only {' '.join(repr(r) for r in args.only)}" if args.only else "")
+        + (f" --tag {args.tag}" if args.tag else "")
     )
     for method in args.methods:
-        run(method, base, args.seeds, args.out, command)
+        run(method, base, args.seeds, args.out, command, args.tag)
 
 
 if __name__ == "__main__":

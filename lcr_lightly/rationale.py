@@ -90,6 +90,7 @@ class CommonRationale(nn.Module):
             (:class:`~lcr_lightly.resolve.FeatureSite`); their pools are replaced at
             inference too, and those marked ``online`` are captured until the first
             training step finds which encoder the SSL loss depends on.
+        encoder: The model's child that holds ``layer`` (``""``: a backbone).
 
     Attributes:
         sites: What is hooked (:class:`~lcr_lightly.resolve.FeatureSite`: layer, pool,
@@ -121,6 +122,7 @@ class CommonRationale(nn.Module):
         layer_name: Optional[str] = None,
         pool_name: Optional[str] = None,
         copies: Sequence[FeatureSite] = (),
+        encoder: str = "",
     ) -> None:
         super().__init__()
         check_choice("gradcam_mode", gradcam_mode, GRADCAM_MODES)
@@ -143,7 +145,9 @@ class CommonRationale(nn.Module):
         self.last_step: Optional[StepRecord] = None
         self._warned_single_position = False
         pool_label = pool_name or (type(pool).__name__ if pool is not None else None)
-        online = FeatureSite(layer_name or type(layer).__name__, layer, pool_label, pool, True)
+        online = FeatureSite(
+            layer_name or type(layer).__name__, layer, pool_label, pool, True, encoder
+        )
         self.sites: Tuple[FeatureSite, ...] = (online, *copies)
         self.captures: List[Optional[FeatureCapture]] = [
             FeatureCapture(s.layer, reshape=reshape, name=s.layer_name) if s.online else None
@@ -169,6 +173,7 @@ class CommonRationale(nn.Module):
             layer_name=online.layer_name,
             pool_name=online.pool_name,
             copies=copies,
+            encoder=online.encoder,
             **options,
         )
 

@@ -450,3 +450,39 @@ def test_attach_passes_the_head_options_and_checks_the_loss():
     with pytest.raises(TypeError) as err:
         attach(_backbone(), loss=nn.MSELoss())
     assert str(err.value) == "loss must be a GradCAMFitLoss, not MSELoss."
+
+
+class TeacherInBackbone(ToySiamese):
+    """DINO's layout: ``backbone`` runs without gradient, the loss goes through ``student``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.student = tiny_resnet()
+        self.student.fc = nn.Identity()
+
+    def forward(self, x):
+        return self.student(x)
+
+    def training_step(self, batch, batch_idx):
+        (x0, _), _ = batch
+        with torch.no_grad():
+            self.backbone(x0)
+        return super().training_step(batch, batch_idx)
+
+
+def test_the_first_step_moves_the_encoder_on_the_loss_path_first_and_stops_the_other():
+    torch.manual_seed(0)
+    model = with_common_rationale(TeacherInBackbone(), k=4)
+    lcr = model.common_rationale
+    assert [(s.encoder, s.online) for s in lcr.sites] == [("backbone", True), ("student", True)]
+    hooks_before = len(model.backbone.layer4._forward_hooks)
+    model.training_step(two_view_batch(), 0)
+    assert [(s.encoder, s.online) for s in lcr.sites] == [("student", True), ("backbone", False)]
+    assert lcr.layer is model.student.layer4 and lcr.capture.layer is model.student.layer4
+    assert len(lcr.captures) == 2 and lcr.captures[1] is None
+    assert len(model.backbone.layer4._forward_hooks) == hooks_before - 1  # its capture removed
+    assert lcr.pool_names == ["student.avgpool", "backbone.avgpool"]
+    # the next steps read the student's maps only
+    lcr.record = True
+    model.training_step(two_view_batch(), 0)
+    assert len(lcr.last_step.maps) == 2  # the student's two views

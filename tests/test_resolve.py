@@ -40,7 +40,7 @@ def test_a_model_resolves_to_its_online_encoder_and_the_copies_it_pools():
     assert sites[1].layer is model.momentum_backbone.layer4
     # the wrapped model keeps the same description, online first
     lcr = with_common_rationale(model, k=4).common_rationale
-    assert [s.layer_name for s in lcr.sites] == [s.layer_name for s in sites]
+    assert lcr.sites == sites
     assert lcr.pool_names == ["backbone.avgpool", "momentum_backbone.avgpool"]
 
 

@@ -486,3 +486,15 @@ def test_the_first_step_moves_the_encoder_on_the_loss_path_first_and_stops_the_o
     lcr.record = True
     model.training_step(two_view_batch(), 0)
     assert len(lcr.last_step.maps) == 2  # the student's two views
+
+
+def test_of_finds_the_module_of_a_wrapped_model_and_names_an_unwrapped_one():
+    model = with_common_rationale(ToySiamese(), k=4)
+    lcr = model.common_rationale
+    assert CommonRationale.of(model) is lcr and CommonRationale.of(lcr) is lcr
+    assert CommonRationale.find(ToySiamese()) is None
+    with pytest.raises(ValueError) as err:
+        CommonRationale.of(nn.Linear(1, 1))
+    assert str(err.value) == (
+        "Linear is not wrapped with with_common_rationale (no 'common_rationale' submodule)."
+    )

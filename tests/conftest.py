@@ -123,3 +123,14 @@ def tiny_init(tmp_path_factory: pytest.TempPathFactory) -> Tuple[str, Dict[str, 
     tiny = dict(widths=(8, 8, 16, 16), image_size=32, images_per_class=4, epochs=1)
     result = pretrain_generic_init(path, **{**INIT_SETTINGS, **tiny}, progress=False)
     return path, result
+
+
+def user_error(capsys: Any, argv: List[str]) -> str:
+    """Runs the CLI expecting a user error: exit code 2 and one 'error: ...' line."""
+    from lcr_lightly.experiments.cli import main  # the runner, only for the CLI tests
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]

@@ -8,18 +8,10 @@ import pytest
 from PIL import Image
 
 from lcr_lightly.experiments.cli import main
+from tests.conftest import user_error
 from tests.test_cli import TINY_FLAGS
 
 ROOT = Path(__file__).parent.parent
-
-
-def user_error(capsys, argv):
-    """Runs the CLI expecting a user error: exit code 2 and one 'error: ...' line."""
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 def _image_folder(root, classes=3, per_class=4):

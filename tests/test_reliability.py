@@ -30,6 +30,15 @@ class ParamsAtEnd(pl.Callback):
         if trainer.is_global_zero:
             torch.save(gathered.reshape(trainer.world_size, -1), self.path)
 
+    def teardown(self, trainer, pl_module, stage):
+        # Lightning leaves the gloo group to an atexit hook, so each rank destroys it when its
+        # process ends: rank 1 first, alone, which at times aborts the process (SIGABRT,
+        # "terminate called without an active exception"). Destroy it here, on all ranks
+        # together, once Lightning has finished with it (callbacks' teardown runs last).
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
 
 def _no_batchnorm(module: nn.Module) -> nn.Module:
     """Per-sample GroupNorm instead of BatchNorm: no dependence on the per-rank batch."""

@@ -498,3 +498,29 @@ def test_of_finds_the_module_of_a_wrapped_model_and_names_an_unwrapped_one():
     assert str(err.value) == (
         "Linear is not wrapped with with_common_rationale (no 'common_rationale' submodule)."
     )
+
+
+def test_a_loss_of_several_elements_is_named_in_the_message():
+    backbone = _backbone()
+    lcr = attach(backbone, k=4)
+    losses = torch.stack([_two_view_loss(backbone), _two_view_loss(backbone)])
+    with pytest.raises(TypeError) as err:
+        lcr.kl_term(losses)
+    assert str(err.value) == (
+        "kl_term's ssl_loss returned a loss of shape (2,); LCR needs a scalar (or one element)."
+    )
+
+
+def test_the_step_is_timed_only_when_recording(monkeypatch):
+    # `clock` waits for the device (CUDA sync); an unrecorded step must not pay for it.
+    import lcr_lightly.rationale as rationale_module
+
+    calls = []
+    monkeypatch.setattr(rationale_module, "clock", lambda t: calls.append(t) or 0.0)
+    backbone = _backbone()
+    lcr = attach(backbone, k=4)
+    lcr.kl_term(_two_view_loss(backbone))
+    assert calls == []
+    lcr.record = True
+    lcr.kl_term(_two_view_loss(backbone))
+    assert len(calls) == 2

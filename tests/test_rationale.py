@@ -524,3 +524,21 @@ def test_the_step_is_timed_only_when_recording(monkeypatch):
     lcr.record = True
     lcr.kl_term(_two_view_loss(backbone))
     assert len(calls) == 2
+
+
+def test_with_views_first_gradcam_runs_on_the_first_view_only(monkeypatch):
+    # The official BYOL script computes GradCAM of view 1 only: view 2's backward is saved.
+    import lcr_lightly.rationale as rationale_module
+
+    sizes, original = [], rationale_module.gradcam
+
+    def counting_gradcam(loss, outputs, **kwargs):
+        sizes.append(len(outputs))
+        return original(loss, outputs, **kwargs)
+
+    monkeypatch.setattr(rationale_module, "gradcam", counting_gradcam)
+    backbone = _backbone()
+    lcr = attach(backbone, k=4, views="first")
+    assert lcr.online_decided  # one encoder: nothing to decide
+    lcr.kl_term(_two_view_loss(backbone))
+    assert sizes == [1]

@@ -493,6 +493,9 @@ def test_of_finds_the_module_of_a_wrapped_model_and_names_an_unwrapped_one():
     lcr = model.common_rationale
     assert CommonRationale.of(model) is lcr and CommonRationale.of(lcr) is lcr
     assert CommonRationale.find(ToySiamese()) is None
+    unrelated = nn.Module()
+    unrelated.common_rationale = nn.Linear(1, 1)  # the name alone does not make it LCR's
+    assert CommonRationale.find(unrelated) is None
     with pytest.raises(ValueError) as err:
         CommonRationale.of(nn.Linear(1, 1))
     assert str(err.value) == (
@@ -542,3 +545,9 @@ def test_with_views_first_gradcam_runs_on_the_first_view_only(monkeypatch):
     assert lcr.online_decided  # one encoder: nothing to decide
     lcr.kl_term(_two_view_loss(backbone))
     assert sizes == [1]
+
+
+def test_place_like_a_parameter_free_backbone_leaves_the_head_as_it_is():
+    lcr = attach(_backbone(), k=4)
+    lcr.place_like(nn.Identity())
+    assert lcr.head.conv.weight.dtype == torch.float32

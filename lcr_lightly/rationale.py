@@ -169,7 +169,7 @@ class CommonRationale(nn.Module):
             online.layer,
             in_channels=resolution.in_channels,
             pool=online.pool,
-            reshape=options.pop("reshape", None) or resolution.reshape,
+            reshape=resolution.reshape,
             layer_name=online.layer_name,
             pool_name=online.pool_name,
             copies=copies,

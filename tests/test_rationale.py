@@ -72,6 +72,7 @@ def test_without_copies_the_online_pool_pools_in_training_from_the_first_call(in
 def test_an_unnamed_layer_and_pool_are_named_after_their_class():
     lcr = CommonRationale(nn.Conv2d(3, 4, 3), in_channels=4, pool=nn.AdaptiveAvgPool2d(1))
     assert (lcr.layer_name, lcr.pool_name) == ("Conv2d", "AdaptiveAvgPool2d")
+    assert lcr.sites[0].encoder == "" and lcr.sites[0].online  # built on a bare backbone
     assert (lcr.pool_names, lcr.pooling) == (["AdaptiveAvgPool2d"], "rationale")
     lcr = CommonRationale(nn.Conv2d(3, 4, 3), in_channels=4)
     assert (lcr.layer_name, lcr.pool_name, lcr.pooling) == ("Conv2d", None, "gap")

@@ -78,6 +78,19 @@ def test_an_unnamed_layer_and_pool_are_named_after_their_class():
     assert (lcr.layer_name, lcr.pool_name, lcr.pooling) == ("Conv2d", None, "gap")
 
 
+def test_a_layer_without_a_map_is_named_by_its_dotted_name_when_it_runs():
+    layer = nn.Linear(4, 4)
+    lcr = CommonRationale(layer, in_channels=4, layer_name="encoder.fc")
+    with pytest.raises(ValueError) as err:
+        layer(torch.randn(2, 4))
+    assert str(err.value) == (
+        "The captured layer 'encoder.fc' produced a 2-D output of shape (2, 4); LCR needs a "
+        "4-D map (B, C, H, W). Choose a convolutional stage with layer=..., or pass "
+        "reshape=tokens_to_map for ViT tokens."
+    )
+    assert lcr.capture.outputs == []  # nothing recorded: the next step starts clean
+
+
 class WholeBackboneIsTheLayer(ToySiamese):
     """The backbone is one conv giving the map; the model pools it functionally."""
 

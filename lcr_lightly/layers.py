@@ -255,6 +255,22 @@ def _pool_of(pools: List[ModuleCall]) -> Tuple[Optional[ModuleCall], str]:
     return None, "NCHW"
 
 
+def _explicit_pool(root: nn.Module, trace: Trace, pool: Tuple[str, nn.Module]) -> ModuleCall:
+    """The one call of a ``pool=`` given by the user, which must reduce the map to a vector.
+
+    Rationale pooling returns one vector per image in its place, so a pool that keeps a
+    spatial output would break the model's forward at inference.
+    """
+    call = _single_call(trace, pool[1], pool[0], root)
+    if not _reduces_space(call):
+        raise ValueError(
+            f"The pool {pool[0]!r} maps {_shape(call.input)} to {_shape(call.output)}; "
+            "pool= must be the global pooling that turns the feature map into one vector "
+            "per image, (B, C) or (B, C, 1, 1)."
+        )
+    return call
+
+
 def _producer(root: nn.Module, trace: Trace, pool: ModuleCall) -> ModuleCall:
     assert pool.input is not None
     producers = [
@@ -316,7 +332,6 @@ def feature_path(
     """
     pools = _global_pools(trace)
     pool_call: Optional[ModuleCall] = None
-    layout = "NCHW"
     if layer is None and pool is None and tokens is not None:
         layer_call, layout = _single_call(trace, tokens.module, tokens.name, root), "tokens"
     elif layer is None and pool is None:
@@ -327,15 +342,14 @@ def feature_path(
         layer_call = _producer(root, trace, pool_call)
     elif layer is None:
         assert pool is not None
-        pool_call = _single_call(trace, pool[1], pool[0], root)
-        if _reduces_space(pool_call):
-            layout = _average_layout(pool_call) or "NCHW"
+        pool_call = _explicit_pool(root, trace, pool)
+        layout = _average_layout(pool_call) or "NCHW"
         layer_call = _producer(root, trace, pool_call)
     else:
         layer_call = _single_call(trace, layer[1], layer[0], root)
         out, version = layer_call.output, layer_call.output_version
         if pool is not None:
-            pool_call = _single_call(trace, pool[1], pool[0], root)
+            pool_call = _explicit_pool(root, trace, pool)
             if pool_call.input is not out or pool_call.input_version != version:
                 raise ValueError(
                     f"The pool {pool[0]!r} consumes {_shape(pool_call.input)}, not the "
@@ -343,8 +357,7 @@ def feature_path(
                     "map and weight another at inference. Pass only one of layer= and "
                     "pool=, or a matching pair."
                 )
-            if _reduces_space(pool_call):
-                layout = _average_layout(pool_call) or "NCHW"
+            layout = _average_layout(pool_call) or "NCHW"
         else:
             consuming = [c for c in pools if c.input is out and c.input_version == version]
             pool_call, layout = _pool_of(consuming)

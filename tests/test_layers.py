@@ -393,6 +393,31 @@ def test_an_explicit_pool_on_a_functional_map_names_the_backbone():
         find_feature_path(ReluAfterTheStage(), pool="pool")
 
 
+class PoolsToTwoByTwo(nn.Module):
+    """A stage, a 2x2 average pool, then the global pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage = nn.Conv2d(3, 4, 3, stride=4, padding=1)
+        self.shrink, self.pool = nn.AdaptiveAvgPool2d(2), nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(self.shrink(self.stage(x))).flatten(1)
+
+
+@pytest.mark.parametrize("names", [dict(pool="shrink"), dict(layer="stage", pool="shrink")])
+def test_an_explicit_pool_that_keeps_a_map_is_refused(names):
+    # Rationale pooling returns (B, C) in the pool's place: after a 2x2 output the forward breaks.
+    with pytest.raises(ValueError) as err:
+        find_feature_path(PoolsToTwoByTwo(), **names)
+    assert str(err.value) == (
+        "The pool 'shrink' maps (2, 4, 16, 16) to (2, 4, 2, 2); pool= must be the global "
+        "pooling that turns the feature map into one vector per image, (B, C) or (B, C, 1, 1)."
+    )
+    path = find_feature_path(PoolsToTwoByTwo(), pool="pool")  # the real one is found
+    assert (path.layer_name, path.layout) == ("shrink", "NCHW")
+
+
 class DictFeatures(nn.Module):
     """torchvision's IntermediateLayerGetter returns a dict of maps; a pool follows."""
 

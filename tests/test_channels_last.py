@@ -51,6 +51,24 @@ def test_the_map_the_swin_pool_averages_is_found_with_its_layout():
     assert (path.in_channels, path.map_shape) == (32, (2, 32, 8, 8))
 
 
+@pytest.mark.parametrize(
+    "names", [dict(pool="head.global_pool.pool"), dict(layer="norm", pool="head.global_pool.pool")]
+)
+def test_an_explicit_pool_of_a_channels_last_map_keeps_its_layout(names):
+    path = find_feature_path(tiny_swin(), **names)
+    assert (path.layer_name, path.layout, path.map_shape) == ("norm", "NHWC", (2, 32, 8, 8))
+
+
+@pytest.mark.parametrize("names", [dict(pool="pool"), dict(layer="stage", pool="pool")])
+def test_an_explicit_pool_that_does_not_average_is_read_channels_first(names):
+    # Only an averaging pool tells the layout; the user's max pool is taken as NCHW.
+    model = nn.Sequential()
+    model.add_module("stage", nn.Conv2d(3, 4, 3, stride=8))
+    model.add_module("pool", nn.AdaptiveMaxPool2d(1))
+    path = find_feature_path(model, **names)
+    assert (path.layer_name, path.layout, path.map_shape) == ("stage", "NCHW", (2, 4, 8, 8))
+
+
 @pytest.mark.parametrize("pool", ["max", "avgmax"])
 def test_max_pooling_of_a_channels_last_map_is_still_refused(pool):
     with pytest.raises(ValueError, match=r"'head\.global_pool\.pool'.*is not average pooling"):

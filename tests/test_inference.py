@@ -44,6 +44,19 @@ def test_rationale_pooling_replaces_average_pooling_when_its_settings_say_so():
         torch.testing.assert_close(out, expected.reshape(2, 4, 1, 1), msg=str((pooling, training)))
 
 
+def test_by_default_a_pool_in_training_mode_keeps_average_pooling():
+    # The paper trains with GAP: the head's weighting is an inference-time pooling.
+    torch.manual_seed(0)
+    head = CommonRationaleHead(4, k=3).eval()
+    pool = nn.AdaptiveAvgPool2d(1).train()
+    owner = RationaleInference(head, [("avgpool", pool)], None, "layer4")
+    owner.mode = "rationale"
+    features = torch.randn(2, 4, 3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(pool(features), features.mean(dim=(2, 3), keepdim=True))
+    owner.release()
+
+
 def test_rationale_pooling_leaves_calls_it_cannot_read_alone():
     torch.manual_seed(0)
     head = CommonRationaleHead(4, k=3).eval()
